@@ -1,0 +1,177 @@
+"""Model definitions and committed FP checkpoints.
+
+* ``resnet20`` / ``resnet32``: the CIFAR-style ResNets of He et al. (CVPR 2016, sec. 4.2),
+  6n+2 layers with n = 3 / 5, widths 16-32-64, option-A (parameter-free, zero-padded)
+  shortcuts, adapted to 1x28x28 inputs (stage resolutions 28 -> 14 -> 7).
+* ``lenet5``: LeCun et al. 1998 with ReLU and max pooling, 1x28x28 inputs.
+
+Every ReLU is its own module instance so activation quantizers can be attached per layer.
+Checkpoints live in ``data/models/<name>-<dataset>.pt`` with a JSON metadata file beside it.
+"""
+from __future__ import annotations
+
+import json
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .paths import models_dir
+
+MODEL_NAMES = ("resnet20", "resnet32", "lenet5")
+
+
+class ShortcutA(nn.Module):
+    """Option-A shortcut: subsample spatially, zero-pad the new channels (no parameters)."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int):
+        super().__init__()
+        self.stride = stride
+        self.pad = planes - in_planes
+
+    def forward(self, x):
+        if self.stride != 1:
+            x = x[:, :, :: self.stride, :: self.stride]
+        if self.pad:
+            x = F.pad(x, (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2))
+        return x
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 conv-BN layers with an identity / option-A shortcut."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.relu2 = nn.ReLU()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = ShortcutA(in_planes, planes, stride)
+        else:
+            self.shortcut = nn.Identity()
+
+    def forward(self, x):  # (B, C, H, W)
+        out = self.relu1(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu2(out + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    """ResNet-(6n+2) for small images (He et al. 2016, sec. 4.2)."""
+
+    def __init__(self, n: int, num_classes: int = 10, in_channels: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.relu = nn.ReLU()
+        layers, in_planes = [], 16
+        for planes, stride in ((16, 1), (32, 2), (64, 2)):
+            blocks = []
+            for i in range(n):
+                blocks.append(BasicBlock(in_planes, planes, stride if i == 0 else 1))
+                in_planes = planes
+            layers.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3 = layers
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(64, num_classes)
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(m.weight)
+
+    def forward(self, x):  # (B, 1, 28, 28) -> (B, classes)
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.fc(self.flatten(self.pool(x)))
+
+
+class LeNet5(nn.Module):
+    """LeNet-5 (LeCun et al. 1998) with ReLU and max pooling for 1x28x28 inputs."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 6, 5, padding=2)
+        self.relu1 = nn.ReLU()
+        self.pool1 = nn.MaxPool2d(2)
+        self.conv2 = nn.Conv2d(6, 16, 5)
+        self.relu2 = nn.ReLU()
+        self.pool2 = nn.MaxPool2d(2)
+        self.flatten = nn.Flatten()
+        self.fc1 = nn.Linear(16 * 5 * 5, 120)
+        self.relu3 = nn.ReLU()
+        self.fc2 = nn.Linear(120, 84)
+        self.relu4 = nn.ReLU()
+        self.fc3 = nn.Linear(84, num_classes)
+
+    def forward(self, x):  # (B, 1, 28, 28) -> (B, classes)
+        x = self.pool1(self.relu1(self.conv1(x)))
+        x = self.pool2(self.relu2(self.conv2(x)))
+        x = self.relu3(self.fc1(self.flatten(x)))
+        return self.fc3(self.relu4(self.fc2(x)))
+
+
+def build(name: str, num_classes: int = 10, in_channels: int = 1) -> nn.Module:
+    """Build an untrained model by name: ``"resnet20"``, ``"resnet32"``, ``"lenet5"``.
+
+    torchvision model names (e.g. ``"resnet18"``) are passed to ``torchvision.models``
+    with random weights, which is the paper-scale path (ImageNet, 3x224x224).
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"model name must be a string, got {type(name).__name__}")
+    if name == "resnet20":
+        return CifarResNet(3, num_classes, in_channels)
+    if name == "resnet32":
+        return CifarResNet(5, num_classes, in_channels)
+    if name == "lenet5":
+        return LeNet5(num_classes, in_channels)
+    import torchvision
+
+    if name in torchvision.models.list_models(module=torchvision.models):
+        return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    raise ValueError(
+        f"unknown model {name!r}: use one of {MODEL_NAMES} or a torchvision classification "
+        "model name such as 'resnet18'"
+    )
+
+
+def checkpoint_path(name: str, dataset: str):
+    """Path of the committed FP checkpoint ``data/models/<name>-<dataset>.pt``."""
+    return models_dir() / f"{name}-{dataset}.pt"
+
+
+def load_metadata(name: str, dataset: str) -> dict:
+    """The JSON metadata (accuracy, seed, epochs, time, commit) next to a checkpoint."""
+    path = checkpoint_path(name, dataset).with_suffix(".json")
+    if not path.exists():
+        raise FileNotFoundError(f"no metadata {path}: train it with `make baselines`")
+    return json.loads(path.read_text())
+
+
+def load_pretrained(name: str, dataset: str, device: str | torch.device = "cpu") -> nn.Module:
+    """The committed FP model ``data/models/<name>-<dataset>.pt`` in eval mode.
+
+    The checkpoint's SHA-256 is checked against its metadata, so a truncated or corrupt
+    file raises instead of loading garbage.
+    """
+    from .results import sha256_file
+
+    path = checkpoint_path(name, dataset)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"no checkpoint {path}: train it with `make baselines` (or lowbit.train.train_fp)"
+        )
+    meta = load_metadata(name, dataset)
+    digest = sha256_file(path)
+    if meta.get("sha256") and meta["sha256"] != digest:
+        raise ValueError(
+            f"checkpoint {path} is corrupt (sha256 {digest[:12]} != recorded "
+            f"{meta['sha256'][:12]}): restore it with `git checkout -- {path.name}` "
+            "or retrain with `make baselines`"
+        )
+    model = build(name)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(state)
+    return model.to(device).eval()
