@@ -1,0 +1,92 @@
+"""The one shared simulated quantizer: nearest point of a symmetric QPS times a scale.
+
+SQ paper (001_ab6a87911af615e3.txt), eq. 3: ``Q(w) = argmin_{q in S_Q(alpha)} |w - q|`` with
+``S_Q(alpha) = {+-alpha * p : p in QPS}``. Because the set is symmetric,
+``Q(w) = sign(w) * alpha * p*`` where ``p*`` is the point nearest to ``|w| / alpha``.
+Every quantizer in lowbit (uniform eq. 4, log eq. 5, two-word log eq. 6, APoT, subset eq. 7)
+is this function with a different ``points`` set.
+
+Tie rule (used by every implementation, fast or reference): a magnitude exactly half-way
+between two points goes to the *smaller* point. ``sign(0) = 0`` so zero weights map to zero
+whether or not 0 is in the QPS; a non-zero weight whose nearest point is 0 maps to 0.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def _as_points(points, dtype, device) -> torch.Tensor:
+    p = torch.as_tensor(np.asarray(points, dtype=np.float64), device=device).to(dtype)
+    if p.ndim != 1 or p.numel() == 0:
+        raise ValueError("points must be a non-empty 1-D set of non-negative values")
+    if not torch.isfinite(p).all() or (p < 0).any():
+        raise ValueError("points must be finite and non-negative (the QPS is mirrored for negatives)")
+    p = torch.unique(p)  # sorted ascending, distinct
+    return p
+
+
+def _scale_view(scale, w: torch.Tensor, dim: int) -> torch.Tensor:
+    s = torch.as_tensor(scale, dtype=w.dtype, device=w.device)
+    if s.ndim == 0:
+        return s
+    if s.ndim != 1 or s.numel() != w.shape[dim]:
+        raise ValueError(f"scale must be a scalar or have one entry per slice of dim {dim} "
+                         f"({w.shape[dim]}), got shape {tuple(s.shape)}")
+    shape = [1] * w.ndim
+    shape[dim] = -1
+    return s.reshape(shape)
+
+
+def point_index(w, points, scale, dim: int = 0) -> torch.Tensor:
+    """Index (into the sorted, distinct ``points``) of the point nearest to ``|w| / scale``.
+
+    Implemented by comparing ``|w|`` with the scaled mid-points (half-way ties go down).
+    """
+    w = torch.as_tensor(w)
+    p = _as_points(points, w.dtype if w.is_floating_point() else torch.float64, w.device)
+    w = w.to(p.dtype)
+    s = _scale_view(scale, w, dim)
+    if (torch.as_tensor(s) <= 0).any():
+        raise ValueError("scale must be positive")
+    mids = (p[1:] + p[:-1]) / 2  # (N-1,)
+    a = w.abs()
+    if s.ndim == 0:
+        return torch.searchsorted(mids * s, a.contiguous(), right=False)
+    # per-slice thresholds: move dim to front, batch searchsorted over it
+    a_t = a.movedim(dim, 0)
+    thr = s.reshape(-1, 1) * mids.reshape(1, -1)  # (C, N-1)
+    flat = a_t.reshape(a_t.shape[0], -1).contiguous()
+    idx = torch.searchsorted(thr.contiguous(), flat, right=False)
+    return idx.reshape(a_t.shape).movedim(0, dim)
+
+
+def quantize_to_points(w, points, scale, dim: int = 0) -> torch.Tensor:
+    """``sign(w) * scale * p*``: the nearest point of ``{+-scale * p}`` (SQ eq. 3).
+
+    ``w`` is a tensor (or array); ``scale`` a positive scalar or one value per slice along
+    ``dim`` (per output channel for ``dim=0``). Returns a tensor of ``w``'s shape.
+    """
+    w = torch.as_tensor(w)
+    if not w.is_floating_point():
+        w = w.to(torch.float64)
+    p = _as_points(points, w.dtype, w.device)
+    idx = point_index(w, p, scale, dim)
+    s = _scale_view(scale, w, dim)
+    return torch.sign(w) * s * p[idx]
+
+
+def quantize_to_points_reference(w, points, scale, dim: int = 0) -> torch.Tensor:
+    """Plain reference of :func:`quantize_to_points`: argmin of |w - q| over every q."""
+    w = torch.as_tensor(w)
+    if not w.is_floating_point():
+        w = w.to(torch.float64)
+    p = _as_points(points, torch.float64, w.device)
+    w64 = w.to(torch.float64)
+    s = _scale_view(scale, w64, dim)
+    a = w64.abs().unsqueeze(-1)  # (..., 1)
+    cand = (s.unsqueeze(-1) if s.ndim else s) * p  # (..., N) or (N,)
+    dist = (a - cand).abs()
+    # argmin returns the first minimum: the smaller point on an exact tie
+    idx = dist.argmin(-1)
+    return (torch.sign(w64) * (s if s.ndim == 0 else s) * p[idx]).to(w.dtype)
