@@ -1,0 +1,936 @@
+"""Q-Rater: layer-by-layer non-convex search of clipping, rounding and selective bias correction.
+
+Paper: Kim, Lee et al., *Q-Rater: Non-Convex Optimization for Post-Training Uniform
+Quantization* (``../shared/papers/003_708cfc197c613d1f.txt``).
+
+===========================  ==================================================================
+:func:`round_values`         1st-order rounding (eqs. 3-4, ``gamma_n``) and 2nd-order rounding
+                             (eqs. 5-6, ``gamma_n``, ``gamma_s``); ``gamma_n = 0`` is RTN.
+:func:`range_division`       how the rounding divides the range into levels (Figs. 5, 9, 10).
+:func:`clip_threshold`       Q-Rater clipping ``Th_c = gamma_c * max|x|`` (sec. 5.2), step
+                             ``s = Th_c / (2^(q-1) - 1)`` (:func:`step_size`).
+:func:`baseline_threshold`   the clipping baselines of Table 1: ``"mse"``, ``"aciq"`` (Banner et
+                             al., Laplace closed form), ``"kl"`` (TensorRT entropy calibration).
+:func:`bayes_search`         grid probes registered in a seeded Bayesian optimiser, then more
+                             probes (``bayesian-optimization`` package, as the paper, sec. 6).
+:func:`run`                  Algorithm 1 (appendix E): layer by layer in forward order, earlier
+                             layers frozen: weight clip, weight round, activation clip,
+                             activation round, selective bias correction (eq. 7).
+:func:`apply`                rebuild a quantized model from :func:`run`'s per-layer settings
+                             (e.g. only the first ``k`` layers, for the incremental curves).
+===========================  ==================================================================
+
+Quantization is **layer-wise and symmetric** for weights and activations, as in the paper
+(sec. 5). Weights are signed, ``levels = -(2^(q-1)-1) .. 2^(q-1)-1``, step
+``Th_c / (2^(q-1)-1)``. The input activations of a layer are quantized by a forward pre-hook;
+when they are non-negative on the calibration set (after a ReLU) they use the unsigned range
+``0 .. 2^q - 1`` with step ``Th_c / (2^q - 1)`` (``signed=False``), else the signed one.
+
+Choices where the paper is silent or ambiguous (each is documented where it is made):
+
+* ``w_r = floor(x/s + 0.5)`` exactly as written, also for negative ``x``; the rounding offset
+  uses ``sign(x * ...)``, so the scheme is odd-symmetric up to exact ties.
+* ``|gamma_n| ** 0 = 1``: at ``w_r = 0`` the 1st-order offset is ``+-0.5``, so for
+  ``gamma_n > 0`` every non-zero value leaves the zero level (it has zero width) and for
+  ``gamma_n < 0`` the zero level widens from 1 to ``1 + |gamma_n|`` steps. ``gamma_n = 0`` gives ``sign(0) = 0``, so
+  ``0 ** 0`` never matters there: it is exactly RTN.
+* Algorithm 1's ``WeightClip`` evaluates clipped *unrounded* weights; we evaluate clipped and
+  RTN-rounded weights, as sec. 5.2 describes ("RTN is followed") and as ``ActClip`` does.
+* The objective is top-1 accuracy on the fixed calibration subset, with ties (200 images give
+  0.5 % steps) broken by the lower cross-entropy: ``target = acc% - 1e-3 * CE``.
+* Bias correction (eq. 7) subtracts the per-channel mean output error against the FP model,
+  ``E[W X] - E[W' X']``, where ``X'`` is the input in the partially quantized model; selective
+  correction keeps it unless it lowers the objective (Algorithm 1, ``BiasCorr``: ties keep it).
+"""
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+OPS = ("clip", "round", "bias")
+SEARCHES = ("grid", "bo")
+CLIP_RULES = ("max", "mse", "aciq", "kl")
+BIAS_MODES = ("never", "always", "selective")
+TARGETS = ("weight", "activation")
+OBJECTIVES = ("accuracy", "loss")
+
+# Algorithm 1 / sec. 5.4 resolutions: gamma_c 0.1..1.0 by 0.1, gamma_n -1..1 by 0.1, gamma_s 0..1 by 0.25
+PAPER_CLIP_GRID = tuple(round(0.1 * i, 10) for i in range(1, 11))
+PAPER_GAMMA_N_GRID = tuple(round(-1.0 + 0.1 * i, 10) for i in range(21))
+PAPER_GAMMA_S_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
+PAPER_BO_STEPS = 50  # sec. 6: "BO explores additional 50 hyper-parameter sets"
+GAMMA_C_BOUNDS = (0.01, 1.0)  # the paper's (0, 1.0]; gamma_c -> 0 would give a zero step
+
+
+# ----------------------------------------------------------------------------- validation
+def _check_bits(bits, what: str = "bits") -> int:
+    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)):
+        raise TypeError(f"{what} must be an int >= 2 (e.g. 4), got {type(bits).__name__}")
+    if not 2 <= int(bits) <= 16:
+        raise ValueError(f"{what} must be between 2 and 16, got {bits}")
+    return int(bits)
+
+
+def _check_gamma(value, lo: float, hi: float, what: str, open_lo: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{what} must be a number, got {type(value).__name__}")
+    v = float(value)
+    bad = not math.isfinite(v) or v > hi or (v <= lo if open_lo else v < lo)
+    if bad:
+        rng = f"({lo}, {hi}]" if open_lo else f"[{lo}, {hi}]"
+        raise ValueError(f"{what} must lie in {rng}, got {value}")
+    return v
+
+
+def level_range(bits: int, signed: bool = True) -> tuple[int, int]:
+    """Integer levels ``(lo, hi)``: ``(-(2^(q-1)-1), 2^(q-1)-1)`` signed, ``(0, 2^q-1)`` unsigned."""
+    q = _check_bits(bits)
+    if signed:
+        return -(2 ** (q - 1) - 1), 2 ** (q - 1) - 1
+    return 0, 2 ** q - 1
+
+
+def step_size(threshold: float, bits: int, signed: bool = True) -> float:
+    """Step ``s = Th_c / (2^(q-1) - 1)`` (sec. 5.1); ``Th_c / (2^q - 1)`` for unsigned ranges."""
+    threshold = float(threshold)
+    if not math.isfinite(threshold) or threshold <= 0:
+        raise ValueError(f"threshold must be a positive finite number, got {threshold}")
+    return threshold / level_range(bits, signed)[1]
+
+
+# ----------------------------------------------------------------------------- rounding
+def _rounding_offset(x, w_r, bits, gamma_n, gamma_s, order, signed):
+    """``f_r`` of eq. 4 (order 1) or eq. 6 (order 2), elementwise; ``|f_r| <= 0.5``."""
+    a = w_r.abs()
+    g = torch.tensor(abs(gamma_n), dtype=x.dtype, device=x.device)
+    if order == 1:
+        return 0.5 * torch.sign(x * gamma_n) * torch.pow(g, a)
+    # eq. 6: 2^(q-1) is the magnitude span of the signed range; an unsigned q-bit range is the
+    # magnitude part of a (q+1)-bit signed one, so there the span is 2^q (and beta = 2^(q-1)).
+    span = float(2 ** (bits - 1) if signed else 2 ** bits)
+    beta = span / 2.0
+    centre = gamma_s * span
+    return 0.5 * torch.sign(x * gamma_n * (centre - a)) * torch.pow(g, (a - centre - beta).abs())
+
+
+def round_values(x, step, bits: int, gamma_n: float, gamma_s: float | None = None, order: int = 2,
+                 signed: bool = True) -> torch.Tensor:
+    """Q-Rater rounding (eqs. 3-6) of ``x`` (already clipped) to the grid ``step * k``.
+
+    ``w_r = floor(x/step + 0.5)`` (RTN integer), then ``step * floor(x/step + 0.5 + f_r)`` with
+
+    * 1st order (eq. 4): ``f_r = 0.5 * sign(x*gamma_n) * |gamma_n| ** |w_r|``;
+    * 2nd order (eq. 6): ``f_r = 0.5 * sign(x*gamma_n*(gamma_s*2^(q-1) - |w_r|))
+      * |gamma_n| ** | |w_r| - gamma_s*2^(q-1) - beta |``, ``beta = 2^(q-2)``;
+
+    and the integer is kept in the q-bit symmetric range ``|k| <= 2^(q-1) - 1``, or in
+    ``0 .. 2^q - 1`` when ``signed=False`` (activations after a ReLU; there eq. 6 uses the
+    span ``2^q`` and ``beta = 2^(q-1)`` in place of ``2^(q-1)`` and ``2^(q-2)``).
+
+    ``gamma_n in [-1, 1]``, ``gamma_s in [0, 1]`` (``None`` means 0; ignored by order 1).
+    ``gamma_n = 0`` is exactly round-to-nearest (ties up) for both orders. Formula choices,
+    as written in the paper: ``sign`` of negative values makes the scheme odd-symmetric
+    (negative values are pushed away from zero when positive ones are); ``|gamma_n| ** 0 = 1``
+    so for ``gamma_n > 0`` the zero level is emptied and for ``gamma_n < 0`` it widens to
+    ``1 + |gamma_n|`` steps (see :func:`range_division`). For the 1st order and ``k >= 1`` the
+    level ``k`` spans ``1 + 0.5 g^(k-1) (1 - g)`` steps for ``g = gamma_n > 0`` (shrinking away
+    from zero) and ``1 - 0.5 |g|^k (1 - |g|)`` for ``g < 0`` (growing), as Fig. 9 describes. Returns a tensor of ``x``'s shape and float dtype.
+    """
+    q = _check_bits(bits)
+    if order not in (1, 2):
+        raise ValueError(f"order must be 1 (eq. 4) or 2 (eq. 6), got {order!r}")
+    gamma_n = _check_gamma(gamma_n, -1.0, 1.0, "gamma_n")
+    gamma_s = 0.0 if gamma_s is None else _check_gamma(gamma_s, 0.0, 1.0, "gamma_s")
+    x = torch.as_tensor(x)
+    if not x.is_floating_point():
+        x = x.to(torch.float64)
+    step_t = torch.as_tensor(step, dtype=x.dtype, device=x.device)
+    if step_t.numel() != 1 or not torch.isfinite(step_t) or step_t.item() <= 0:
+        raise ValueError(f"step must be one positive finite number (layer-wise), got {step}")
+    lo, hi = level_range(q, signed)
+    u = x / step_t
+    w_r = torch.floor(u + 0.5)
+    if gamma_n == 0.0:
+        k = w_r  # f_r = 0: RTN
+    else:
+        k = torch.floor(u + 0.5 + _rounding_offset(x, w_r, q, gamma_n, gamma_s, order, signed))
+    return k.clamp(lo, hi) * step_t
+
+
+def round_values_reference(x, step, bits, gamma_n, gamma_s=None, order=2, signed=True) -> list[float]:
+    """Plain-Python, one value at a time, transcription of eqs. 3-6 (for tests)."""
+    q = _check_bits(bits)
+    gs = 0.0 if gamma_s is None else float(gamma_s)
+    lo, hi = level_range(q, signed)
+    span = 2 ** (q - 1) if signed else 2 ** q
+    out = []
+    for v in np.asarray(x, dtype=np.float64).ravel().tolist():
+        w_r = math.floor(v / step + 0.5)
+        sgn = lambda t: (t > 0) - (t < 0)  # noqa: E731
+        if order == 1:
+            f = 0.5 * sgn(v * gamma_n) * abs(gamma_n) ** abs(w_r)
+        else:
+            f = 0.5 * sgn(v * gamma_n * (gs * span - abs(w_r))) * abs(gamma_n) ** abs(abs(w_r) - gs * span - span / 2)
+        out.append(step * min(max(math.floor(v / step + 0.5 + f), lo), hi))
+    return out
+
+
+def range_division(bits: int, gamma_n: float, gamma_s: float | None = None, order: int = 2,
+                   signed: bool = True, points: int = 200001) -> dict:
+    """Which input range maps to each level (Figs. 5, 9, 10), measured on a dense grid.
+
+    The input is a clipped value in step units, ``u in [lo, hi]`` (the integer level range).
+    Returns ``{"levels": k, "width": width of the u-range mapped to k, "low": its lower end,
+    "high": its upper end}`` (arrays; ``width = 0`` and NaN ends for an empty level).
+    """
+    lo, hi = level_range(bits, signed)
+    u = torch.linspace(lo, hi, points, dtype=torch.float64)
+    k = round_values(u, 1.0, bits, gamma_n, gamma_s, order, signed)
+    du = (hi - lo) / (points - 1)
+    levels = np.arange(lo, hi + 1)
+    width, low, high = [], [], []
+    for lv in levels:
+        sel = u[k == lv]
+        width.append(sel.numel() * du)
+        low.append(sel.min().item() if sel.numel() else float("nan"))
+        high.append(sel.max().item() if sel.numel() else float("nan"))
+    return {"levels": levels, "width": np.array(width), "low": np.array(low), "high": np.array(high)}
+
+
+# ----------------------------------------------------------------------------- clipping
+def clip_threshold(x, gamma_c: float) -> float:
+    """Q-Rater clipping threshold ``Th_c = gamma_c * max|x|`` (sec. 5.2), ``gamma_c in (0, 1]``.
+
+    The step is then ``Th_c / (2^(q-1) - 1)`` (:func:`step_size`).
+    """
+    gamma_c = _check_gamma(gamma_c, 0.0, 1.0, "gamma_c", open_lo=True)
+    x = torch.as_tensor(x)
+    if x.numel() == 0:
+        raise ValueError("cannot clip an empty tensor")
+    return gamma_c * float(x.abs().max())
+
+
+def _rtn(x: torch.Tensor, threshold: float, bits: int, signed: bool) -> torch.Tensor:
+    lo = -threshold if signed else 0.0
+    return round_values(x.clamp(lo, threshold), step_size(threshold, bits, signed), bits, 0.0,
+                        signed=signed)
+
+
+def _sample(x: torch.Tensor, max_values: int, seed: int = 0) -> torch.Tensor:
+    x = torch.as_tensor(x).detach().reshape(-1).to(torch.float32)
+    if x.numel() > max_values:
+        g = torch.Generator().manual_seed(seed)
+        x = x[torch.randperm(x.numel(), generator=g)[:max_values]]
+    return x
+
+
+def _mse_threshold(xs: torch.Tensor, bits: int, signed: bool, grid: int, chunk: int = 16) -> float:
+    """The ``Th`` among ``max|x| * k/grid`` minimising the RTN error; batched over candidates."""
+    amax = float(xs.abs().max())
+    cands = amax * torch.arange(1, grid + 1, dtype=xs.dtype) / grid  # (T,)
+    lo, hi = level_range(bits, signed)
+    errs = []
+    for t in cands.split(chunk):
+        t = t[:, None]  # (t, 1)
+        step = t / hi
+        xc = torch.maximum(torch.minimum(xs[None], t), -t if signed else torch.zeros_like(t))
+        qx = torch.floor(xc / step + 0.5).clamp(lo, hi) * step
+        errs.append(((xs[None] - qx) ** 2).mean(dim=1))
+    return float(cands[int(torch.argmin(torch.cat(errs)))])
+
+
+def _mse_threshold_reference(xs: torch.Tensor, bits: int, signed: bool, grid: int) -> float:
+    """Plain loop over the candidates of :func:`_mse_threshold` with :func:`round_values`."""
+    amax = float(xs.abs().max())
+    best_t, best_e = amax, float("inf")
+    for k in range(1, grid + 1):
+        t = float(amax * torch.tensor(k, dtype=xs.dtype) / grid)
+        e = float(((xs - _rtn(xs, t, bits, signed)) ** 2).mean())
+        if e < best_e:
+            best_t, best_e = t, e
+    return best_t
+
+
+def aciq_coefficient(levels: int, tails: int = 2) -> float:
+    """ACIQ (Banner et al. 2019) Laplace closed form: ``alpha / b`` minimising
+    ``tails * b^2 * exp(-alpha/b) + Delta^2/12`` with ``Delta = alpha / levels``.
+
+    ``levels`` is the number of steps between 0 and ``alpha``. With Banner's ``2^M``-bin
+    quantizer (``levels = 2^(M-1)``) this gives their 2.83 b, 3.89 b, 5.03 b, ... 9.89 b
+    for ``M = 2..8``.
+    """
+    if int(levels) < 1:
+        raise ValueError(f"levels must be a positive integer, got {levels}")
+    c = np.linspace(0.01, 60.0, 600000)
+    err = tails * np.exp(-c) + c ** 2 / (12.0 * int(levels) ** 2)
+    return float(c[int(np.argmin(err))])
+
+
+def _kl_threshold(a: np.ndarray, n_quant: int, bins: int) -> float:
+    """TensorRT entropy calibration (Migacz 2017) on the histogram of magnitudes ``a >= 0``."""
+    amax = float(a.max())
+    hist, edges = np.histogram(a, bins=bins, range=(0.0, amax))
+    hist = hist.astype(np.float64)
+    best, best_i = np.inf, bins
+    eps = 1e-4
+    for i in range(n_quant, bins + 1):
+        ref = hist[:i].copy()
+        ref[-1] += hist[i:].sum()  # outliers folded into the last bin
+        nonzero = hist[:i] != 0
+        # quantize hist[:i] into n_quant bins, then expand back over the non-zero bins
+        chunks = np.array_split(np.arange(i), n_quant)
+        qexp = np.zeros(i)
+        for idx in chunks:
+            nz = nonzero[idx]
+            cnt = nz.sum()
+            if cnt:
+                qexp[idx[nz]] = hist[idx].sum() / cnt
+        p = ref / max(ref.sum(), 1e-30)
+        qd = qexp / max(qexp.sum(), 1e-30)
+        # smooth zeros as TensorRT/MXNet do, then KL(p || q)
+        p = np.where(p == 0, eps, p)
+        qd = np.where(qd == 0, eps, qd)
+        kl = float(np.sum(p * np.log(p / qd)))
+        if kl < best:
+            best, best_i = kl, i
+    return float(edges[best_i])
+
+
+def baseline_threshold(x, bits: int, rule: str, signed: bool | None = None, *, grid: int = 200,
+                       bins: int = 2048, max_values: int = 1 << 16, seed: int = 0) -> float:
+    """A conventional clipping threshold of ``x`` for a ``bits``-bit layer-wise quantizer.
+
+    ``rule``: ``"max"`` (no clipping, ``max|x|``); ``"mse"`` (the ``Th`` among ``grid``
+    fractions of ``max|x|`` minimising ``mean((x - Q_RTN(x))^2)``, Shin et al. / Sung et al.);
+    ``"aciq"`` (Banner et al. 2019: ``b`` of a Laplace fit times :func:`aciq_coefficient`; for
+    unsigned data ``b`` is the mean of the positive values, an exponential fit);
+    ``"kl"`` (TensorRT-style: the histogram cut-off minimising KL divergence between the
+    clipped histogram and its ``n``-level quantization, ``bins`` bins; ``n = 2^(q-1)``
+    magnitudes signed, ``2^q`` unsigned). ``signed=None`` means ``min(x) < 0``.
+    At most ``max_values`` values (a seeded sample) are used. Returns a float ``<= max|x|``.
+    """
+    q = _check_bits(bits)
+    if rule not in CLIP_RULES:
+        raise ValueError(f"unknown clipping rule {rule!r}: use one of {CLIP_RULES}")
+    xs = _sample(x, max_values, seed)
+    if xs.numel() == 0:
+        raise ValueError("cannot compute a threshold of an empty tensor")
+    if signed is None:
+        signed = bool(xs.min() < 0)
+    amax = float(xs.abs().max())
+    if amax == 0.0:
+        raise ValueError("x is all zeros: there is nothing to clip")
+    levels = level_range(q, signed)[1]
+    if rule == "max":
+        return amax
+    if rule == "mse":
+        return _mse_threshold(xs, q, signed, grid)
+    if rule == "aciq":
+        if signed:
+            b = float((xs - xs.mean()).abs().mean())
+        else:
+            pos = xs[xs > 0]
+            b = float(pos.mean()) if pos.numel() else amax
+        return min(amax, aciq_coefficient(levels) * b)
+    mags = (xs.abs() if signed else xs.clamp_min(0)).numpy()
+    return min(amax, _kl_threshold(mags, levels + 1, bins))
+
+
+# ----------------------------------------------------------------------------- Bayesian search
+def bayes_search(f: Callable[..., float], pbounds: dict, grid: Sequence[dict], n_iter: int,
+                 seed: int = 0) -> list[dict]:
+    """Grid probes, then ``n_iter`` Bayesian-optimisation probes (Algorithm 1, ``BO.probe``/``BO.run``).
+
+    ``f(**params) -> target`` (maximised). Each grid point is evaluated and registered with
+    ``BayesianOptimization.register``; then ``maximize(init_points=0, n_iter=n_iter)`` (GP with
+    a Matern kernel, UCB acquisition, as in the ``bayesian-optimization`` package) is seeded
+    with ``random_state=seed``, so the same seed gives the same probes. Returns every probe as
+    ``{"params": {...}, "target": t, "phase": "grid" | "bo"}`` in order (a BO suggestion that
+    repeats a known point is not re-evaluated and not listed).
+    """
+    if not isinstance(n_iter, (int, np.integer)) or n_iter < 0:
+        raise ValueError(f"n_iter must be a non-negative int, got {n_iter!r}")
+    keys = list(pbounds)
+    probes: list[dict] = []
+    for p in grid:
+        if set(p) != set(keys):
+            raise ValueError(f"grid point {p} must have exactly the keys {keys}")
+        probes.append({"params": {k: float(p[k]) for k in keys}, "target": float(f(**p)), "phase": "grid"})
+    if n_iter == 0:
+        return probes
+    from bayes_opt import BayesianOptimization
+
+    def wrapped(**p):
+        t = float(f(**p))
+        probes.append({"params": {k: float(p[k]) for k in keys}, "target": t, "phase": "bo"})
+        return t
+
+    opt = BayesianOptimization(f=wrapped, pbounds={k: tuple(map(float, v)) for k, v in pbounds.items()},
+                               random_state=int(seed), verbose=0)
+    for p in probes:
+        opt.register(params=p["params"], target=p["target"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # sklearn GP convergence chatter
+        opt.maximize(init_points=0, n_iter=int(n_iter))
+    return probes
+
+
+def _best(probes: list[dict]) -> dict:
+    """The first probe with the highest target (grid order first, then BO order)."""
+    return max(probes, key=lambda p: p["target"])  # max keeps the first of equals
+
+
+# ----------------------------------------------------------------------------- model plumbing
+# Minimal private helpers (BN folding, layers in forward order, prefix caching). The shared PTQ
+# module (lowbit.ptq, issue 4) was not available when this was written; see the report.
+_QUANTIZABLE = (nn.Conv2d, nn.Linear)
+
+
+def _trace(model: nn.Module, x: torch.Tensor) -> list[tuple]:
+    """Run ``model(x)`` once, recording ``(name, module, start, end, input, output)`` per call."""
+    events: list = []
+    counter = [0]
+    starts: dict = {}
+    handles = []
+    for name, m in model.named_modules():
+        if m is model:
+            continue
+
+        def pre(mod, inp, name=name):
+            starts.setdefault(name, []).append(counter[0])
+            counter[0] += 1
+
+        def post(mod, inp, out, name=name):
+            events.append((name, mod, starts[name][-1], counter[0], inp, out))
+            counter[0] += 1
+
+        handles += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
+    try:
+        with torch.inference_mode():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return events
+
+
+def fold_batchnorm(model: nn.Module, example: torch.Tensor) -> nn.Module:
+    """A copy of ``model`` (eval mode) with every BatchNorm folded into the conv/linear before it.
+
+    A BN is folded when its input is exactly the output tensor of a conv/linear layer (found by
+    tracing one forward pass on ``example``); ``W <- W * g/sqrt(v+eps)``,
+    ``b <- (b - mu) * g/sqrt(v+eps) + beta``; the BN becomes ``nn.Identity``.
+    """
+    folded = copy.deepcopy(model).eval()
+    events = _trace(folded, example[:2])
+    out_of = {id(ev[5]): ev for ev in events if isinstance(ev[1], _QUANTIZABLE)}
+    names = dict(folded.named_modules())
+    for name, mod, _, _, inp, _ in events:
+        if not isinstance(mod, nn.modules.batchnorm._BatchNorm) or not inp or id(inp[0]) not in out_of:
+            continue
+        layer = out_of[id(inp[0])][1]
+        with torch.no_grad():
+            scale = mod.weight / torch.sqrt(mod.running_var + mod.eps)
+            shape = (-1,) + (1,) * (layer.weight.ndim - 1)
+            layer.weight.mul_(scale.reshape(shape))
+            bias = layer.bias if layer.bias is not None else torch.zeros_like(mod.running_mean)
+            new_bias = (bias - mod.running_mean) * scale + mod.bias
+            layer.bias = nn.Parameter(new_bias.detach().clone())
+        parent_name, _, attr = name.rpartition(".")
+        setattr(names[parent_name] if parent_name else folded, attr, nn.Identity())
+    return folded
+
+
+def quantizable_layers(model: nn.Module, example: torch.Tensor) -> list[str]:
+    """Names of the conv/linear layers of ``model`` in forward (execution) order."""
+    seen, order = set(), []
+    for name, mod, *_ in sorted(_trace(model, example[:2]), key=lambda ev: ev[2]):
+        if isinstance(mod, _QUANTIZABLE) and name not in seen:
+            seen.add(name)
+            order.append(name)
+    return order
+
+
+def quantize_activation(x: torch.Tensor, cfg: dict) -> torch.Tensor:
+    """Clip the activation to ``[-Th, Th]`` (``[0, Th]`` unsigned) and round it (eqs. 3-6)."""
+    th, signed = cfg["threshold"], cfg["signed"]
+    xc = x.clamp(-th if signed else 0.0, th)
+    return round_values(xc, cfg["step"], cfg["bits"], cfg["gamma_n"], cfg["gamma_s"], cfg["order"], signed)
+
+
+class _QuantState:
+    """The FP (BN-folded) model, its quantized working copy and per-layer activation configs."""
+
+    def __init__(self, model: nn.Module, example: torch.Tensor):
+        self.fp = fold_batchnorm(model, example)
+        self.model = copy.deepcopy(self.fp)
+        self.modules = dict(self.model.named_modules())
+        self.order = quantizable_layers(self.model, example)
+        self.act: dict[str, dict | None] = {n: None for n in self.order}
+        for n in self.order:
+            layer = self.modules[n]
+            if layer.bias is None:
+                layer.bias = nn.Parameter(torch.zeros(layer.weight.shape[0], dtype=layer.weight.dtype,
+                                                      device=layer.weight.device))
+            layer.register_forward_pre_hook(self._hook(n))
+
+    def _hook(self, name):
+        def pre(mod, inp):
+            cfg = self.act[name]
+            if cfg is None:
+                return None
+            return (quantize_activation(inp[0], cfg),) + tuple(inp[1:])
+        return pre
+
+    def fp_weight(self, name) -> torch.Tensor:
+        return dict(self.fp.named_modules())[name].weight.detach()
+
+    def fp_bias(self, name) -> torch.Tensor:
+        b = dict(self.fp.named_modules())[name].bias
+        return torch.zeros(self.fp_weight(name).shape[0]) if b is None else b.detach()
+
+    def set_weight(self, name, w):
+        with torch.no_grad():
+            self.modules[name].weight.copy_(w)
+
+    def set_bias(self, name, b):
+        with torch.no_grad():
+            self.modules[name].bias.copy_(b)
+
+
+class _Runner:
+    """Evaluates a model on fixed batches; can replay a frozen prefix from a cache.
+
+    :meth:`freeze_before` caches the outputs of the largest modules that finish before the
+    target layer starts (they cannot depend on it) and makes them return the cache, so each
+    probe only recomputes the rest of the network. :meth:`evaluate` with ``use_cache=False``
+    is the plain reference (a full forward pass); tests check that both agree.
+    """
+
+    def __init__(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int):
+        self.model = model
+        self.batches = [(images[i:i + batch_size], labels[i:i + batch_size])
+                        for i in range(0, len(labels), batch_size)]
+        self.frozen: dict[str, list] = {}
+        self.batch_idx = 0
+        events = _trace(model, images[:2])
+        calls: dict[str, int] = {}
+        for ev in events:
+            calls[ev[0]] = calls.get(ev[0], 0) + 1
+        self.spans = {ev[0]: (ev[2], ev[3]) for ev in events if calls[ev[0]] == 1}
+        self.modules = dict(model.named_modules())
+
+    def release(self):
+        for name in self.frozen:
+            self.modules[name].__dict__.pop("forward", None)
+        self.frozen = {}
+
+    def freeze_before(self, layer: str):
+        self.release()
+        start = self.spans[layer][0]
+        cands = {n for n, (s, e) in self.spans.items() if e < start}
+        maximal = [n for n in cands if not any(n.startswith(c + ".") for c in cands)]
+        outs: dict[str, list] = {n: [] for n in maximal}
+        handles = [self.modules[n].register_forward_hook(
+            lambda mod, inp, out, n=n: outs[n].append(out)) for n in maximal]
+        try:
+            with torch.inference_mode():
+                for x, _ in self.batches:
+                    self.model(x)
+        finally:
+            for h in handles:
+                h.remove()
+        for n in maximal:
+            self.modules[n].forward = (lambda *a, n=n, **k: outs[n][self.batch_idx])
+        self.frozen = outs
+
+    def forward_all(self, use_cache: bool = True):
+        """Yield ``(logits, labels)`` per batch."""
+        saved = None
+        if not use_cache and self.frozen:
+            saved = {n: self.modules[n].__dict__.pop("forward") for n in self.frozen}
+        try:
+            with torch.inference_mode():
+                for i, (x, y) in enumerate(self.batches):
+                    self.batch_idx = i
+                    yield self.model(x), y
+        finally:
+            if saved:
+                for n, fwd in saved.items():
+                    self.modules[n].forward = fwd
+
+    def evaluate(self, use_cache: bool = True) -> tuple[float, float]:
+        """``(top-1 accuracy %, mean cross-entropy)`` on the fixed batches."""
+        correct, loss, n = 0, 0.0, 0
+        for logits, y in self.forward_all(use_cache):
+            correct += int((logits.argmax(1) == y).sum())
+            loss += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
+            n += len(y)
+        return 100.0 * correct / n, loss / n
+
+    def capture(self, layer: str, output: bool = False) -> list[torch.Tensor]:
+        """The (unquantized) inputs, or the outputs, of ``layer`` per batch."""
+        got: list = []
+        mod = self.modules[layer]
+        if output:
+            h = mod.register_forward_hook(lambda m, i, o: got.append(o.detach().clone()))
+        else:
+            h = mod.register_forward_pre_hook(lambda m, i: got.append(i[0].detach().clone()), prepend=True)
+        try:
+            for _ in self.forward_all():
+                pass
+        finally:
+            h.remove()
+        return got
+
+
+def balanced_subset(dataset, per_class: int = 20, seed: int = 0):
+    """``per_class`` seeded random images of every class (the paper's 20 per class, appendix D)."""
+    from .data import TensorImageDataset, as_tensors
+
+    if not isinstance(per_class, (int, np.integer)) or per_class < 1:
+        raise ValueError(f"per_class must be a positive int, got {per_class!r}")
+    images, labels = as_tensors(dataset)
+    rng = np.random.default_rng(seed)
+    idx = []
+    for c in sorted(set(labels.tolist())):
+        where = np.flatnonzero(labels.numpy() == c)
+        if len(where) < per_class:
+            raise ValueError(f"class {c} has only {len(where)} images, fewer than per_class={per_class}")
+        idx += sorted(rng.choice(where, size=per_class, replace=False).tolist())
+    idx = torch.as_tensor(sorted(idx))
+    return TensorImageDataset(images[idx], labels[idx], getattr(dataset, "name", ""),
+                              f"{getattr(dataset, 'split', '')}[{per_class}/class s{seed}]")
+
+
+# ----------------------------------------------------------------------------- Algorithm 1
+@dataclass
+class QRaterResult:
+    """What :func:`run` returns: the quantized model, per-layer settings and every probe.
+
+    Unpacks as ``model, probes = run(...)``.
+    """
+
+    model: nn.Module
+    layers: list[dict]
+    probes: list[dict]
+    config: dict
+    fp_objective: dict = field(default_factory=dict)
+
+    def __iter__(self):
+        return iter((self.model, self.probes))
+
+
+def _as_calib(calib):
+    from .data import as_tensors
+
+    if isinstance(calib, (tuple, list)) and len(calib) == 2:
+        images, labels = calib
+    else:
+        images, labels = as_tensors(calib)
+    images, labels = torch.as_tensor(images), torch.as_tensor(labels)
+    if images.ndim < 2 or len(images) != len(labels) or len(labels) == 0:
+        raise ValueError("calib must be a non-empty data set or an (images, labels) pair of equal length")
+    return images.float(), labels.long()
+
+
+def _select_layers(order: list[str], layers) -> list[str]:
+    if layers is None:
+        return list(order)
+    chosen = []
+    for item in layers:
+        if isinstance(item, (int, np.integer)) and not isinstance(item, bool):
+            if not -len(order) <= item < len(order):
+                raise ValueError(f"layer index {item} out of range for {len(order)} quantizable layers")
+            chosen.append(order[item])
+        elif isinstance(item, str) and item in order:
+            chosen.append(item)
+        else:
+            raise ValueError(f"unknown layer {item!r}: use indices or names from {order}")
+    return [n for n in order if n in chosen]  # forward order
+
+
+def run(model: nn.Module, w_bits: int | None, a_bits: int | None, calib, search: str = "bo",
+        ops: Sequence[str] = OPS, seed: int = 0, *, order: int = 2, clip_rule: str = "mse",
+        bias_mode: str | None = None, targets: Sequence[str] = TARGETS, layers=None,
+        clip_grid: Sequence[float] = PAPER_CLIP_GRID, gamma_n_grid: Sequence[float] = PAPER_GAMMA_N_GRID,
+        gamma_s_grid: Sequence[float] = PAPER_GAMMA_S_GRID, bo_steps: int = PAPER_BO_STEPS,
+        objective: str = "accuracy", batch_size: int = 200, stat_batch: int = 50,
+        progress: bool = False) -> QRaterResult:
+    """Q-Rater, Algorithm 1 of appendix E: quantize ``model`` layer by layer (API).
+
+    For each quantizable layer in forward order (earlier layers frozen with their settings):
+
+    1. weight clipping: ``gamma_c`` over ``clip_grid`` (0.1..1.0), then BO on ``(0, 1]``, each
+       probe evaluated with RTN at ``Th_c = gamma_c * max|W|`` (``"clip"`` in ``ops``; else
+       ``baseline_threshold(W, w_bits, clip_rule)``);
+    2. weight rounding: ``gamma_n x gamma_s`` grid, then BO (``"round"``; else RTN);
+    3. the same two steps for the layer's input activations, ``Th_c = gamma_c * mean_j max|x_j|``
+       over calibration batches of ``stat_batch`` images;
+    4. bias correction (eq. 7), kept only if it does not lower the objective (``"bias"``;
+       ``bias_mode`` ``"always"``/``"never"`` overrides, for Figs. 8, 18, 19).
+
+    ``search="grid"`` stops after the grids; ``"bo"`` adds ``bo_steps`` BO probes per search.
+    ``targets`` limits the clip/round search to weights and/or activations (the other gets
+    ``clip_rule`` + RTN; Fig. 6's W(Q-Rater)/A(RTN) etc.). ``w_bits``/``a_bits`` ``None`` keeps
+    that tensor FP. ``layers`` (indices or names) restricts which layers are quantized (the
+    paper skips the first layer of ResNet-32). ``order`` is the rounding order (1: eq. 4,
+    2: eq. 6). The objective is top-1 accuracy on ``calib`` (ties broken by lower
+    cross-entropy) or, with ``objective="loss"``, minus the cross-entropy.
+
+    Returns a :class:`QRaterResult` (``model, probes = run(...)`` works): the quantized copy
+    (BN folded), ``layers`` (JSON-able per-layer settings for :func:`apply`) and ``probes``
+    (every evaluation: layer, stage, phase, params, accuracy, loss, target).
+    """
+    if search not in SEARCHES:
+        raise ValueError(f"search must be one of {SEARCHES}, got {search!r}")
+    ops = tuple(ops)
+    bad = [o for o in ops if o not in OPS]
+    if bad:
+        raise ValueError(f"unknown ops {bad}: use a subset of {OPS}")
+    if not set(targets) <= set(TARGETS):
+        raise ValueError(f"targets must be a subset of {TARGETS}, got {targets!r}")
+    if clip_rule not in CLIP_RULES:
+        raise ValueError(f"clip_rule must be one of {CLIP_RULES}, got {clip_rule!r}")
+    if bias_mode is None:
+        bias_mode = "selective" if "bias" in ops else "never"
+    if bias_mode not in BIAS_MODES:
+        raise ValueError(f"bias_mode must be one of {BIAS_MODES}, got {bias_mode!r}")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    if order not in (1, 2):
+        raise ValueError(f"order must be 1 or 2, got {order!r}")
+    w_bits = None if w_bits is None else _check_bits(w_bits, "w_bits")
+    a_bits = None if a_bits is None else _check_bits(a_bits, "a_bits")
+    for g in clip_grid:
+        _check_gamma(g, 0.0, 1.0, "clip_grid value", open_lo=True)
+    for g in gamma_n_grid:
+        _check_gamma(g, -1.0, 1.0, "gamma_n_grid value")
+    for g in gamma_s_grid:
+        _check_gamma(g, 0.0, 1.0, "gamma_s_grid value")
+    n_bo = int(bo_steps) if search == "bo" else 0
+    images, labels = _as_calib(calib)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    images, labels = images.to(device), labels.to(device)
+
+    state = _QuantState(model, images)
+    qmodel = state.model
+    runner = _Runner(qmodel, images, labels, batch_size)
+    selected = _select_layers(state.order, layers)
+    probes: list[dict] = []
+    records: list[dict] = []
+
+    def target_of(acc, loss):
+        return acc - 1e-3 * loss if objective == "accuracy" else -loss
+
+    phase = {"now": "grid"}  # set by _search: "grid" probes first, then "bo"
+
+    def measure(layer, stage, params, tag=None):
+        acc, loss = runner.evaluate()
+        t = target_of(acc, loss)
+        probes.append({"layer": layer, "stage": stage, "phase": tag or phase["now"], "params": dict(params),
+                       "accuracy": acc, "loss": loss, "target": t})
+        return t
+
+    fp_acc, fp_loss = runner.evaluate(use_cache=False)
+    fp_obj = {"accuracy": fp_acc, "loss": fp_loss}
+
+    # FP per-channel output means E[W X] for bias correction (eq. 7)
+    fp_runner = _Runner(state.fp, images, labels, batch_size)
+    fp_means = {}
+    for name in selected:
+        outs = fp_runner.capture(name, output=True)
+        fp_means[name] = _channel_mean(outs)
+
+    it = list(enumerate(selected))
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(it, desc="Q-Rater layers")
+    for i, name in it:
+        runner.freeze_before(name)
+        layer_idx = state.order.index(name)
+        rec: dict = {"name": name, "index": layer_idx, "order": order}
+        layer_seed = int(seed) * 100003 + 17 * layer_idx
+        search_w = "weight" in targets
+        search_a = "activation" in targets
+
+        # ---- weights: WeightQuant(i)
+        if w_bits is not None:
+            w_org = state.fp_weight(name).clone()
+            wmax = float(w_org.abs().max())
+            if wmax == 0.0:
+                raise ValueError(f"layer {name} has all-zero weights; it cannot be quantized")
+
+            def weight_at(th, gn=0.0, gs=0.0):
+                s = step_size(th, w_bits)
+                return round_values(w_org.clamp(-th, th), s, w_bits, gn, gs, order)
+
+            if "clip" in ops and search_w:
+                def f_wclip(gamma_c):
+                    th = clip_threshold(w_org, min(max(gamma_c, GAMMA_C_BOUNDS[0]), 1.0))
+                    state.set_weight(name, weight_at(th))
+                    return measure(name, "w_clip", {"gamma_c": gamma_c})
+                found = _search(f_wclip, {"gamma_c": GAMMA_C_BOUNDS},
+                                [{"gamma_c": g} for g in clip_grid], n_bo, layer_seed + 1, phase)
+                w_gc = found["params"]["gamma_c"]
+                w_th = clip_threshold(w_org, w_gc)
+            else:
+                w_gc = None
+                w_th = baseline_threshold(w_org, w_bits, clip_rule, signed=True, seed=seed)
+            w_gn, w_gs = 0.0, 0.0
+            if "round" in ops and search_w:
+                def f_wround(gamma_n, gamma_s=0.0):
+                    state.set_weight(name, weight_at(w_th, gamma_n, gamma_s))
+                    return measure(name, "w_round", {"gamma_n": gamma_n, "gamma_s": gamma_s})
+                bounds, grid_pts = _round_space(order, gamma_n_grid, gamma_s_grid)
+                found = _search(f_wround, bounds, grid_pts, n_bo, layer_seed + 2, phase)
+                w_gn = found["params"]["gamma_n"]
+                w_gs = found["params"].get("gamma_s", 0.0)
+            state.set_weight(name, weight_at(w_th, w_gn, w_gs))
+            rec.update(w_bits=w_bits, w_gamma_c=w_gc, w_threshold=w_th, w_step=step_size(w_th, w_bits),
+                       w_gamma_n=w_gn, w_gamma_s=w_gs)
+
+        # ---- input activations: ActQuant(i)
+        if a_bits is not None:
+            xs = runner.capture(name)
+            signed = bool(min(float(x.min()) for x in xs) < 0)
+            flat = torch.cat([x.reshape(-1) for x in xs])
+            chunks = torch.cat([x for x in xs]).split(stat_batch)
+            a_max = float(np.mean([float(c.abs().max()) for c in chunks]))  # mean_j max|x_j|
+            if a_max == 0.0:
+                a_max = 1e-8
+
+            def act_cfg(th, gn=0.0, gs=0.0):
+                return {"threshold": th, "step": step_size(th, a_bits, signed), "bits": a_bits,
+                        "gamma_n": gn, "gamma_s": gs, "order": order, "signed": signed}
+
+            if "clip" in ops and search_a:
+                def f_aclip(gamma_c):
+                    state.act[name] = act_cfg(min(max(gamma_c, GAMMA_C_BOUNDS[0]), 1.0) * a_max)
+                    return measure(name, "a_clip", {"gamma_c": gamma_c})
+                found = _search(f_aclip, {"gamma_c": GAMMA_C_BOUNDS},
+                                [{"gamma_c": g} for g in clip_grid], n_bo, layer_seed + 3, phase)
+                a_gc = found["params"]["gamma_c"]
+                a_th = a_gc * a_max
+            else:
+                a_gc = None
+                a_th = baseline_threshold(flat, a_bits, clip_rule, signed=signed, seed=seed)
+            a_gn, a_gs = 0.0, 0.0
+            if "round" in ops and search_a:
+                def f_around(gamma_n, gamma_s=0.0):
+                    state.act[name] = act_cfg(a_th, gamma_n, gamma_s)
+                    return measure(name, "a_round", {"gamma_n": gamma_n, "gamma_s": gamma_s})
+                bounds, grid_pts = _round_space(order, gamma_n_grid, gamma_s_grid)
+                found = _search(f_around, bounds, grid_pts, n_bo, layer_seed + 4, phase)
+                a_gn = found["params"]["gamma_n"]
+                a_gs = found["params"].get("gamma_s", 0.0)
+            state.act[name] = act_cfg(a_th, a_gn, a_gs)
+            rec.update(a_bits=a_bits, a_gamma_c=a_gc, a_threshold=a_th, a_max=a_max, a_signed=signed,
+                       a_step=step_size(a_th, a_bits, signed), a_gamma_n=a_gn, a_gamma_s=a_gs)
+
+        # ---- BiasCorr(i), eq. 7
+        base_bias = state.fp_bias(name).clone()
+        state.set_bias(name, base_bias)
+        t_off = measure(name, "bias", {"bias": 0}, "off")
+        delta = torch.zeros_like(base_bias)
+        use_bias = False
+        if bias_mode != "never":
+            delta = fp_means[name] - _channel_mean(runner.capture(name, output=True))
+            state.set_bias(name, base_bias + delta)
+            t_on = measure(name, "bias", {"bias": 1}, "on")
+            use_bias = bias_mode == "always" or not (t_off > t_on)
+            if not use_bias:
+                state.set_bias(name, base_bias)
+        rec.update(bias_corrected=use_bias, bias_delta=(delta if use_bias else torch.zeros_like(delta)).tolist())
+        last = probes[-1] if use_bias or bias_mode == "never" else probes[-2]  # the kept state
+        rec.update(calib_accuracy=last["accuracy"], calib_loss=last["loss"])
+        records.append(rec)
+    runner.release()
+
+    config = {"w_bits": w_bits, "a_bits": a_bits, "search": search, "ops": list(ops), "seed": seed,
+              "order": order, "clip_rule": clip_rule, "bias_mode": bias_mode, "targets": list(targets),
+              "layers": selected, "clip_grid": list(clip_grid), "gamma_n_grid": list(gamma_n_grid),
+              "gamma_s_grid": list(gamma_s_grid), "bo_steps": n_bo, "objective": objective,
+              "n_calib": len(labels)}
+    return QRaterResult(qmodel.eval(), records, probes, config, fp_obj)
+
+
+def _channel_mean(outs: list[torch.Tensor]) -> torch.Tensor:
+    """Per-output-channel mean over batch (and space) of a list of ``(B, C, ...)`` outputs."""
+    y = torch.cat(outs)
+    dims = [d for d in range(y.ndim) if d != 1]
+    return y.mean(dim=dims)
+
+
+def _round_space(order, gamma_n_grid, gamma_s_grid):
+    if order == 1:
+        return {"gamma_n": (-1.0, 1.0)}, [{"gamma_n": g} for g in gamma_n_grid]
+    return ({"gamma_n": (-1.0, 1.0), "gamma_s": (0.0, 1.0)},
+            [{"gamma_n": gn, "gamma_s": gs} for gn in gamma_n_grid for gs in gamma_s_grid])
+
+
+def _search(f, bounds, grid_pts, n_bo, seed, phase: dict) -> dict:
+    """Grid then BO through :func:`bayes_search`, keeping ``phase["now"]`` up to date for the
+    probe log; returns the best probe."""
+    count = [0]
+
+    def g(**p):
+        phase["now"] = "grid" if count[0] < len(grid_pts) else "bo"
+        count[0] += 1
+        return f(**p)
+
+    return _best(bayes_search(g, bounds, grid_pts, n_bo, seed))
+
+
+# ----------------------------------------------------------------------------- replay
+def apply(model: nn.Module, layers: list[dict], upto: int | None = None, example: torch.Tensor | None = None
+          ) -> nn.Module:
+    """A BN-folded copy of ``model`` with the settings of ``layers[:upto]`` (from :func:`run`).
+
+    Weights are re-quantized from the FP weights with the recorded threshold and
+    ``gamma_n``/``gamma_s``; input-activation quantizers are attached as forward pre-hooks;
+    recorded bias corrections are added. The result equals :func:`run`'s model for
+    ``upto=None`` (tested).
+    """
+    if example is None:
+        example = torch.zeros(2, *_input_shape(model))
+    state = _QuantState(model, example)
+    for rec in layers[:upto]:
+        name = rec["name"]
+        if name not in state.modules:
+            raise ValueError(f"layer {name!r} of the settings is not in this model")
+        if rec.get("w_bits"):
+            th, b = rec["w_threshold"], rec["w_bits"]
+            w = state.fp_weight(name)
+            state.set_weight(name, round_values(w.clamp(-th, th), step_size(th, b), b, rec["w_gamma_n"],
+                                                rec["w_gamma_s"], rec["order"]))
+        if rec.get("a_bits"):
+            state.act[name] = {"threshold": rec["a_threshold"], "step": rec["a_step"], "bits": rec["a_bits"],
+                               "gamma_n": rec["a_gamma_n"], "gamma_s": rec["a_gamma_s"],
+                               "order": rec["order"], "signed": rec["a_signed"]}
+        if rec.get("bias_corrected"):
+            state.set_bias(name, state.fp_bias(name) + torch.as_tensor(rec["bias_delta"]))
+    return state.model.eval()
+
+
+def _input_shape(model: nn.Module) -> tuple:
+    first = next(m for m in model.modules() if isinstance(m, _QUANTIZABLE))
+    if isinstance(first, nn.Conv2d):
+        return (first.in_channels, 28, 28)
+    return (first.in_features,)
+
+
+def incremental_accuracy(model: nn.Module, layers: list[dict], dataset, batch_size: int = 1000,
+                         example: torch.Tensor | None = None) -> list[float]:
+    """Test accuracy after quantizing layers ``1..k`` for ``k = 0..len(layers)`` (Figs. 6-8)."""
+    from .evaluate import accuracy
+
+    return [accuracy(apply(model, layers, k, example), dataset, batch_size) for k in range(len(layers) + 1)]
