@@ -1,0 +1,303 @@
+"""Exhaustive QPS search (SQ Algorithm 1 FINDBESTQPS): a plain reference and a fast exact path.
+
+SQ paper (001_ab6a87911af615e3.txt), section 3.3 "Finding the Best Subset" and Algorithm 1:
+for every N-subset S of the universal set S_U (N = 2**(bits-1)), find the scale factor by
+the iteration of eqs. 8-10 (:func:`lowbit.scale.optimal_scale`), compute the L2 loss
+(eq. 9) and keep the subset with the smallest loss.
+
+Granularity: ``"channel"`` (the paper's main setting) is one QPS per layer with one scale
+per output channel (dim 0), the loss summed over channels; ``"layer"`` is one QPS and one
+scale for the whole tensor.
+
+Two implementations that must agree (``tests/test_search.py``):
+
+* ``method="reference"``: Algorithm 1 written plainly: a Python loop over every subset in
+  ``itertools.combinations`` order and every channel, calling ``optimal_scale`` (argmin over
+  all points for eq. 8).
+* ``method="fast"``: the same iteration for all (subset, channel) pairs at once. Each
+  channel's magnitudes are sorted once with prefix sums, so eq. 8's assignment is N-1
+  ``searchsorted`` calls against the scaled mid-points (half-way ties go to the smaller
+  point, as :mod:`lowbit.qps`) and eq. 10's sums are prefix-sum differences; pairs that
+  have converged drop out of later iterations. torch, on CUDA when available.
+
+Ties between subsets: losses within ``1e-12 * sum(w^2)`` of the minimum are treated as equal
+(rounding cannot separate them) and the first such subset in combinations order wins, in
+both methods.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .qps import quantize_to_points
+from .scale import _check_tol, as_weights, optimal_scale
+from .universal import check_fits, qps_indices, universal_set
+
+GRANULARITIES = ("channel", "layer")
+METHODS = ("fast", "reference")
+TIE_RTOL = 1e-12  # relative to sum(w^2): losses closer than this are ties
+
+
+@dataclass
+class SearchResult:
+    """Result of :func:`search_qps`.
+
+    ``points``: the chosen QPS, sorted, unscaled (N elements of S_U); ``scale``: one per output
+    channel (``"channel"``, numpy array) or a float (``"layer"``); ``loss``: total squared
+    error over the tensor (eq. 9); ``candidates``: number of QPS evaluated; ``seconds``: wall
+    time; ``index``: position of ``points`` in combinations order; ``losses``: total loss of
+    every candidate (combinations order); ``iterations``: eq. 10 updates per (candidate,
+    channel) pair summed; ``not_converged``: pairs that hit ``max_iter``.
+    """
+
+    points: np.ndarray
+    scale: object
+    loss: float
+    candidates: int
+    seconds: float
+    index: int
+    losses: np.ndarray
+    bits: int
+    granularity: str
+    method: str
+    iterations: int = 0
+    not_converged: int = 0
+
+    def quantize(self, weight) -> torch.Tensor:
+        """The quantized tensor ``sign(w) * scale * p*`` (SQ eq. 3) with this QPS and scale."""
+        w = torch.as_tensor(weight)
+        dim_scale = self.scale if self.granularity == "layer" else torch.as_tensor(self.scale, dtype=torch.float64)
+        return quantize_to_points(w.to(torch.float64), self.points, dim_scale, dim=0).to(w.dtype)
+
+
+def _rows(weight, granularity: str) -> np.ndarray:
+    """(C, n) float64 rows: one per output channel, or one row for the whole layer."""
+    if not isinstance(weight, (torch.Tensor, np.ndarray)):
+        raise TypeError(f"weight must be a torch tensor or numpy array, got {type(weight).__name__}")
+    shape = tuple(weight.shape)
+    if len(shape) == 0:
+        raise ValueError("weight is a scalar: pass a tensor with output channels on dim 0")
+    flat = as_weights(weight, "weight")  # checks empty / NaN / inf
+    if granularity == "layer":
+        return flat.reshape(1, -1)
+    return flat.reshape(shape[0], -1)
+
+
+def _select(losses: np.ndarray, energy: float) -> int:
+    """First candidate whose loss is within ``TIE_RTOL * energy`` of the minimum."""
+    best = float(np.min(losses))
+    return int(np.flatnonzero(losses <= best + TIE_RTOL * energy)[0])
+
+
+def _reference(rows: np.ndarray, qps: np.ndarray, tol: float, max_iter: int):
+    """Algorithm 1, plainly: every subset, every channel, ``optimal_scale``."""
+    n_cand, n_rows = qps.shape[0], rows.shape[0]
+    losses = np.zeros(n_cand)
+    scales = np.zeros((n_cand, n_rows))
+    iterations = not_converged = 0
+    for k in range(n_cand):
+        for c in range(n_rows):
+            res = optimal_scale(rows[c], qps[k], tol=tol, max_iter=max_iter)
+            losses[k] += res.loss
+            scales[k, c] = res.scale
+            iterations += res.iterations
+            not_converged += not res.converged
+    return losses, scales, iterations, not_converged
+
+
+def _argmin_thresholds(s: torch.Tensor, pts: torch.Tensor, mids: torch.Tensor) -> torch.Tensor:
+    """Per adjacent point pair (j, j+1), the largest float ``t`` that the reference's argmin
+    sends to point j: ``|t - s p_j| <= |t - s p_{j+1}|`` evaluated in float64 exactly as
+    :func:`lowbit.scale.nearest_points` does. Starts from ``s * m_j`` (exact in real numbers)
+    and steps by one ulp until the floating-point predicate flips, so a magnitude on an
+    exact tie gets the same point in both searches even when rounding moves the tie."""
+    lo, hi = s * pts[..., :-1], s * pts[..., 1:]  # fl(s p_j), fl(s p_{j+1})
+
+    def to_lower(t):
+        return (t - lo).abs() <= (hi - t).abs()
+
+    t = s * mids
+    inf = torch.full_like(t, float("inf"))
+    while True:  # step down while t itself would go up
+        bad = ~to_lower(t)
+        if not bool(bad.any()):
+            break
+        t = torch.where(bad, torch.nextafter(t, -inf), t)
+    while True:  # step up while the next float would still go down
+        nxt = torch.nextafter(t, inf)
+        good = to_lower(nxt)
+        if not bool(good.any()):
+            break
+        t = torch.where(good, nxt, t)
+    return t
+
+
+def _fast(rows: np.ndarray, qps: np.ndarray, tol: float, max_iter: int, device, chunk_queries: int):
+    """All (subset, channel) pairs of eqs. 8-10 at once with sorted magnitudes + prefix sums."""
+    dt = torch.float64
+    mag = torch.as_tensor(np.abs(rows), dtype=dt, device=device)
+    n_rows, n = mag.shape
+    a_sorted = mag.sort(dim=1).values.contiguous()  # (C, n)
+    prefix = torch.cat([torch.zeros(n_rows, 1, dtype=dt, device=device), a_sorted.cumsum(1)], 1)  # (C, n+1)
+    zeros = (a_sorted == 0).sum(1)  # (C,) zero weights: quantized to 0, excluded from eq. 10
+    amax = a_sorted[:, -1]
+    energy = (a_sorted * a_sorted).sum(1)  # (C,)
+    pts_all = torch.as_tensor(qps, dtype=dt, device=device)  # (K, N)
+    n_cand, n_pts = pts_all.shape
+    mids_all = (pts_all[:, 1:] + pts_all[:, :-1]) / 2  # (K, N-1)
+    per_subset = max(1, n_rows * max(n_pts - 1, 1))
+    chunk = max(1, min(n_cand, chunk_queries // per_subset))
+    losses = torch.empty(n_cand, dtype=dt, device=device)
+    scales = torch.empty(n_cand, n_rows, dtype=dt, device=device)
+    iterations = not_converged = 0
+    row_ids = torch.arange(n_rows, device=device)
+
+    def sums(s, sel):
+        """eq. 8 assignment at scales ``s`` (C, W) for subsets ``sel`` (C, W) -> S, Q."""
+        pts, mids = pts_all[sel], mids_all[sel]  # (C, W, N), (C, W, N-1)
+        width = s.shape[1]
+        thr = _argmin_thresholds(s.unsqueeze(-1), pts, mids).reshape(n_rows, -1)
+        counts = torch.searchsorted(a_sorted, thr, right=True).reshape(n_rows, width, n_pts - 1)
+        edge = torch.zeros(n_rows, width, 1, dtype=counts.dtype, device=device)
+        bounds = torch.cat([edge, counts, edge + n], -1)  # (C, W, N+1)
+        seg_sum = prefix.gather(1, bounds.reshape(n_rows, -1)).reshape(n_rows, width, n_pts + 1).diff(dim=-1)
+        seg_cnt = bounds.diff(dim=-1)
+        seg_cnt[..., 0] -= zeros.unsqueeze(1)  # zero weights sit in the first segment
+        s_sum = (pts * seg_sum).sum(-1)  # sum |w| q
+        q_sum = (pts * pts * seg_cnt.to(dt)).sum(-1)  # sum q^2
+        return s_sum, q_sum
+
+    for k0 in range(0, n_cand, chunk):
+        k1 = min(n_cand, k0 + chunk)
+        kc = k1 - k0
+        pmax = pts_all[k0:k1, -1]
+        live = (amax > 0).unsqueeze(0) & (pmax > 0).unsqueeze(1)  # (Kc, C)
+        s0 = torch.where(live, amax.unsqueeze(0) / pmax.unsqueeze(1).clamp_min(1e-300), torch.ones((), dtype=dt, device=device))
+        s = s0.clone()
+        active = live.clone()
+        local = torch.arange(k0, k1, device=device)
+        for _ in range(max_iter):
+            act_t = active.T  # (C, Kc)
+            n_act = act_t.sum(1)
+            width = int(n_act.max())
+            if width == 0:
+                break
+            if width == kc:
+                sel_local = torch.arange(kc, device=device).expand(n_rows, kc)
+                valid = act_t
+            else:  # per channel, the still-active subsets first (padded to the widest channel)
+                order = torch.argsort((~act_t).to(torch.int8), dim=1, stable=True)[:, :width]
+                sel_local = order
+                valid = act_t.gather(1, order)
+            s_cur = s.T.gather(1, sel_local)  # (C, W)
+            s_sum, q_sum = sums(s_cur, local[sel_local])
+            flat = q_sum == 0
+            s_new = torch.where(flat, s_cur, s_sum / torch.where(flat, torch.ones_like(q_sum), q_sum))
+            s0_cur = s0.T.gather(1, sel_local)
+            done = flat | ((s_new - s_cur).abs() / s0_cur <= tol)
+            rows_v = row_ids.unsqueeze(1).expand_as(sel_local)[valid]
+            cols_v = sel_local[valid]
+            iterations += int((~flat & valid).sum())
+            s[cols_v, rows_v] = s_new[valid]
+            active[cols_v, rows_v] = ~done[valid]
+        not_converged += int(active.sum())
+        # eq. 9 at the final scales, every pair of the chunk
+        sel_all = torch.arange(kc, device=device).expand(n_rows, kc)
+        s_fin = s.T.contiguous()
+        s_sum, q_sum = sums(s_fin, local[sel_all])
+        loss = energy.unsqueeze(1) - 2 * s_fin * s_sum + s_fin * s_fin * q_sum  # (C, Kc)
+        loss = torch.where(live.T, loss, energy.unsqueeze(1)).clamp_min(0)
+        losses[k0:k1] = loss.sum(0)
+        scales[k0:k1] = s
+    return losses.cpu().numpy(), scales.cpu().numpy(), iterations, not_converged
+
+
+def search_qps(weight, bits: int, universal=5, granularity: str = "channel", method: str = "fast",
+               tol: float = 1e-5, max_iter: int = 1000, device=None,
+               chunk_queries: int = 1 << 22) -> SearchResult:
+    """The QPS (N-subset of S_U) with the smallest L2 weight-quantization error (API).
+
+    SQ Algorithm 1. ``weight``: torch tensor or numpy array, output channels on dim 0;
+    ``bits`` includes the sign bit (N = 2**(bits-1) non-negative points); ``universal``: an
+    option 1..5 of SQ Table 1 or a user pair ``(A, B)``; ``granularity``: ``"channel"`` (one
+    QPS per layer, one scale per output channel) or ``"layer"``; ``method``: ``"fast"`` or
+    ``"reference"`` (same QPS, same loss). ``tol``/``max_iter``: the scale iteration's
+    (:func:`lowbit.scale.optimal_scale`). ``device`` (fast only): default CUDA when available.
+    """
+    started = time.perf_counter()
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"unknown granularity {granularity!r}: use one of {GRANULARITIES}")
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}: use one of {METHODS}")
+    check_fits(universal, bits)  # bits >= 1, N <= |S_U|, option known
+    _check_tol(tol, max_iter)
+    rows = _rows(weight, granularity)
+    s_u = universal_set(universal)
+    qps = s_u[qps_indices(universal, bits)]  # (K, N)
+    energy = float(np.sum(rows * rows))
+    if method == "reference":
+        losses, scales, iterations, not_converged = _reference(rows, qps, tol, max_iter)
+    else:
+        if device is None:
+            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        losses, scales, iterations, not_converged = _fast(rows, qps, tol, max_iter, torch.device(device),
+                                                          chunk_queries)
+    best = _select(losses, energy)
+    points = qps[best].copy()
+    scale = scales[best].copy()
+    q = quantize_to_points(torch.as_tensor(rows), points, torch.as_tensor(scale), dim=0)
+    loss = float(((torch.as_tensor(rows) - q) ** 2).sum())
+    return SearchResult(points=points, scale=float(scale[0]) if granularity == "layer" else scale,
+                        loss=loss, candidates=int(qps.shape[0]), seconds=time.perf_counter() - started,
+                        index=best, losses=losses, bits=int(bits), granularity=granularity, method=method,
+                        iterations=int(iterations), not_converged=int(not_converged))
+
+
+def uniform_points(bits: int) -> np.ndarray:
+    """Symmetric uniform QPS ``{0, 1, ..., N-1}`` (SQ eq. 4 made symmetric), N = 2**(bits-1)."""
+    return np.arange(2 ** (bits - 1), dtype=np.float64)
+
+
+def quantize_weights_sq(model: torch.nn.Module, bits: int, universal=5, first_last_bits: int = 8,
+                        granularity: str = "channel", method: str = "fast", device=None):
+    """Weight-only SQ of a model's conv/linear layers: a copy of the model and a per-layer report.
+
+    Every ``Conv2d``/``Linear`` weight except the first and last is replaced by its SQ
+    quantization (Algorithm 1 search, then eq. 3); the first and last use a symmetric uniform
+    ``first_last_bits`` QPS with a per-channel max-abs scale, as the paper keeps them at 8 bits.
+    Nothing is folded (no BN folding, no activation quantization, biases kept): the model-level
+    PTQ with folding and calibration is :mod:`lowbit.ptq`.
+    """
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    if not layers:
+        raise ValueError("model has no Conv2d/Linear layers to quantize")
+    qmodel = copy.deepcopy(model)
+    modules = dict(qmodel.named_modules())
+    report = []
+    for i, (name, _) in enumerate(layers):
+        mod = modules[name]
+        w = mod.weight.detach().to(torch.float64)
+        edge = i in (0, len(layers) - 1)
+        if edge:
+            pts = uniform_points(first_last_bits)
+            amax = w.reshape(w.shape[0], -1).abs().amax(1)
+            scale = torch.where(amax > 0, amax / pts[-1], torch.ones_like(amax))
+            q = quantize_to_points(w, pts, scale, dim=0)
+            entry = {"layer": name, "bits": first_last_bits, "quantizer": "uniform", "points": pts.tolist(),
+                     "seconds": 0.0}
+        else:
+            res = search_qps(w, bits, universal=universal, granularity=granularity, method=method, device=device)
+            q = res.quantize(w)
+            entry = {"layer": name, "bits": bits, "quantizer": "sq", "points": res.points.tolist(),
+                     "seconds": res.seconds, "candidates": res.candidates}
+        err = float(((w - q) ** 2).sum())
+        entry.update(sq_error=err, energy=float((w * w).sum()), numel=int(w.numel()))
+        report.append(entry)
+        with torch.no_grad():
+            mod.weight.copy_(q.to(mod.weight.dtype))
+    return qmodel, report
+

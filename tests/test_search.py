@@ -1,0 +1,122 @@
+"""QPS search (SQ Algorithm 1): the fast path agrees with the plain reference."""
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+import lowbit
+from lowbit.scale import eq10_update
+
+# small layers: (channels, weights per channel); dyadic values make exact ties likely
+dyadic = st.integers(-24, 24).map(lambda k: k / 8)
+floats = st.floats(-3, 3, allow_nan=False, width=32)
+
+
+@st.composite
+def layers(draw):
+    c = draw(st.integers(1, 4))
+    n = draw(st.integers(1, 12))
+    elems = draw(st.sampled_from([dyadic, floats]))
+    w = draw(hnp.arrays(np.float64, (c, n), elements=elems))
+    kind = draw(st.sampled_from(["plain", "zero_channel", "constant_channel"]))
+    if kind == "zero_channel":
+        w[draw(st.integers(0, c - 1))] = 0.0
+    elif kind == "constant_channel":
+        w[draw(st.integers(0, c - 1))] = draw(st.sampled_from([0.5, -1.25, 0.3]))
+    return w
+
+
+def assert_agree(w, bits, option, granularity):
+    ref = lowbit.search_qps(w, bits, option, granularity, method="reference")
+    fast = lowbit.search_qps(w, bits, option, granularity, method="fast")
+    energy = float(np.sum(w * w))
+    assert fast.index == ref.index
+    assert np.array_equal(fast.points, ref.points)
+    assert fast.loss == pytest.approx(ref.loss, rel=1e-9, abs=1e-12 * energy + 1e-300)
+    assert np.allclose(fast.losses, ref.losses, rtol=1e-9, atol=1e-12 * energy + 1e-300)
+    assert np.allclose(fast.scale, ref.scale, rtol=1e-9)
+    assert fast.iterations == ref.iterations
+    assert fast.candidates == ref.candidates == lowbit.qps_count(option, bits)
+    return ref, fast
+
+
+@settings(max_examples=25, deadline=None)
+@given(layers(), st.sampled_from([(1, 5), (2, 5), (3, 5), (2, 3), (4, 1)]),
+       st.sampled_from(["channel", "layer"]))
+def test_fast_equals_reference(w, bits_option, granularity):
+    bits, option = bits_option
+    ref, fast = assert_agree(w, bits, option, granularity)
+    # the winner is no worse than any candidate (Algorithm 1's argmin)
+    assert ref.loss <= ref.losses.min() + 1e-12 * float(np.sum(w * w)) + 1e-300
+    # every quantized value lies in {+-scale * p}, per channel
+    q = fast.quantize(torch.as_tensor(w)).numpy()
+    scales = np.full(w.shape[0], fast.scale) if granularity == "layer" else fast.scale
+    for c in range(w.shape[0]):
+        allowed = np.concatenate([scales[c] * fast.points, -scales[c] * fast.points, [0.0]])
+        assert np.isclose(q[c][:, None], allowed[None, :], rtol=0, atol=1e-12).any(1).all()
+    assert fast.loss == pytest.approx(float(np.sum((w - q) ** 2)), rel=1e-12, abs=1e-300)
+
+
+def test_exact_ties_first_subset_wins():
+    # a constant channel is quantized exactly by every QPS: all losses are 0
+    w = np.full((2, 5), 0.75)
+    ref, fast = assert_agree(w, 2, 5, "channel")
+    assert ref.loss == 0.0 and fast.index == 0
+
+
+def test_returned_scales_are_fixed_points_of_eq10():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((6, 30)) * np.array([[0.1], [1], [2], [0.5], [3], [0.01]])
+    res = lowbit.search_qps(torch.as_tensor(w, dtype=torch.float32), 3, 5)
+    assert res.scale.shape == (6,)
+    for c in range(6):
+        s0 = np.abs(w[c]).max() / res.points.max()
+        wc = torch.as_tensor(w, dtype=torch.float32)[c].double().numpy()
+        assert abs(eq10_update(wc, res.points, res.scale[c]) - res.scale[c]) <= 2e-5 * s0
+
+
+def test_channel_search_beats_layer_search_and_4d_weights():
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(8, 3, 3, 3, generator=g) * torch.linspace(0.1, 2, 8).reshape(8, 1, 1, 1)
+    ch = lowbit.search_qps(w, 3, 5, "channel")
+    la = lowbit.search_qps(w, 3, 5, "layer")
+    assert isinstance(la.scale, float)
+    assert ch.loss < la.loss
+    assert ch.quantize(w).shape == w.shape
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(bits=0), "bits must be >= 1"),
+    (dict(bits=5), "use bits <= 4"),
+    (dict(bits=3, universal=7), "unknown universal-set option"),
+    (dict(bits=3, granularity="tensor"), "granularity"),
+    (dict(bits=3, method="slow"), "method"),
+])
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        lowbit.search_qps(torch.randn(2, 3), **kwargs)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (torch.tensor([[1.0, float("nan")]]), "NaN"),
+    (torch.tensor([[1.0, float("inf")]]), "NaN or inf"),
+    (torch.empty(0, 3), "empty"),
+    (torch.tensor(1.0), "scalar"),
+])
+def test_bad_weights(bad, match):
+    with pytest.raises(ValueError, match=match):
+        lowbit.search_qps(bad, 2)
+    with pytest.raises(TypeError):
+        lowbit.search_qps([[1.0, 2.0]], 2)
+
+
+def test_quantize_weights_sq_keeps_edges_uniform():
+    model = lowbit.models.build("lenet5")
+    qmodel, report = lowbit.search.quantize_weights_sq(model, 2, universal=1)
+    assert [r["quantizer"] for r in report] == ["uniform", "sq", "sq", "sq", "uniform"]
+    for r in report[1:-1]:
+        assert len(r["points"]) == 2 and np.isin(r["points"], lowbit.universal_set(1)).all()
+    w = qmodel.conv2.weight.detach()
+    assert all(len(torch.unique(w[c].abs())) <= 2 for c in range(w.shape[0]))
