@@ -1,0 +1,24 @@
+"""Hardware for SQ: bit-exact shift-add MAC simulator and the MUX/shifter cost model.
+
+SQ paper (001_ab6a87911af615e3.txt) Sec. 3.5 and Fig. 4; supplement (000_78fd3e0a063562c7.txt)
+Sec. 1, Table 2 (relative HW cost) and Fig. 2 (shifter designs).
+
+* :mod:`.terms`: term sets A, B of SQ Table 1 as MUX cases.
+* :mod:`.cost`: ``shifter_cost`` (k(M-1) model), ``shifter_design`` (Fig. 2), ``cost_table``.
+* :mod:`.encode`: ``encode_sq`` / ``decode_sq`` and the decoder register.
+* :mod:`.mac`: ``mac_conv2d`` / ``mac_linear`` and their plain references.
+* :mod:`.network`: a whole model on the integer pipeline vs its fake-quantized float twin.
+"""
+from .cost import ASSUMPTIONS, UNIT_GATES, cost_table, shifter_cost, shifter_design, sq_mac_cost, uniform_mac_cost
+from .encode import SQDecoder, decode_sq, encode_sq, split_codes
+from .mac import (activation_qparams, dequantize_activation, im2col, mac_conv2d, mac_conv2d_reference,
+                  mac_linear, mac_linear_reference, quantize_activation, shift_add_product)
+from .terms import OPTIONS, TermSet, universal_terms, universal_values
+
+__all__ = [
+    "ASSUMPTIONS", "UNIT_GATES", "cost_table", "shifter_cost", "shifter_design", "sq_mac_cost",
+    "uniform_mac_cost", "SQDecoder", "decode_sq", "encode_sq", "split_codes", "activation_qparams",
+    "dequantize_activation", "im2col", "mac_conv2d", "mac_conv2d_reference", "mac_linear",
+    "mac_linear_reference", "quantize_activation", "shift_add_product", "OPTIONS", "TermSet",
+    "universal_terms", "universal_values",
+]
