@@ -306,3 +306,19 @@ def test_resnet20_pipeline_int_equals_fake_quant():
         network.set_mode(hw_model, "float")
     trace = network.walk_weight(hw_model, "layer1.0.conv1", 37)
     assert trace["product_dequantized"] == pytest.approx(trace["check_x_times_weight"], rel=1e-15)
+
+
+def test_shift_sum_in_int64_equals_float_shift_sum():
+    """Both branches of the vectorised accumulation (float ldexp shifts vs int64 shifts) agree."""
+    from lowbit.hw.mac import _accumulate, _select_matrices
+
+    rng = np.random.default_rng(3)
+    w, pts, scale = _random_layer(rng, 4, 4, o=5, c=6, kh=1, kw=1)
+    codes, dec = hw.encode_sq(w[:, :, 0, 0], pts, scale, 4)
+    cols = torch.as_tensor(rng.integers(0, 256, size=(9, 6)))
+    T, shifts = _select_matrices(codes, dec)
+    a = _accumulate(cols, T, shifts, torch.float32, True)
+    b = _accumulate(cols, T, shifts, torch.float32, False)
+    c = _accumulate(cols, T, shifts, torch.int64, False)
+    assert torch.equal(a, b) and torch.equal(b, c)
+    assert torch.equal(c, hw.mac_linear_reference(cols, codes, dec))

@@ -105,18 +105,24 @@ def _select_matrices(codes: torch.Tensor, decoder: SQDecoder):
     return torch.cat(mats, 1), shifts
 
 
-def _pick_dtype(engine: str, device, k: int, x_max: int):
+def _pick_dtype(engine: str, device, k: int, x_max: int, decoder: SQDecoder):
+    """GEMM dtype for the selection sums and whether the shifted sum is exact in it too."""
     bound = k * max(x_max, 1)  # largest |partial sum| of one signed selection sum
+    top_a = int(max(decoder.shift_a.max(), 0))
+    top_b = int(max(decoder.shift_b.max(), 0))
+    total = bound * (2 ** top_a + 2 ** top_b)  # largest |partial sum| of the accumulator
+    limits = {torch.float32: 2 ** 24, torch.float64: 2 ** 53, torch.int64: 2 ** 62}
     if engine == "auto":
         cpu_ieee = device.type == "cpu" and torch.get_float32_matmul_precision() == "highest"
         if cpu_ieee and bound < 2 ** 24:
-            return torch.float32
-        return torch.float64 if bound < 2 ** 53 else torch.int64
-    dtype = {"float32": torch.float32, "float64": torch.float64, "int64": torch.int64}[engine]
-    limit = {torch.float32: 2 ** 24, torch.float64: 2 ** 53, torch.int64: 2 ** 62}[dtype]
-    if bound >= limit:
-        raise ValueError(f"engine {engine!r} cannot hold sums up to {bound} exactly; use engine='auto'")
-    return dtype
+            dtype = torch.float32
+        else:
+            dtype = torch.float64 if bound < 2 ** 53 else torch.int64
+    else:
+        dtype = {"float32": torch.float32, "float64": torch.float64, "int64": torch.int64}[engine]
+        if bound >= limits[dtype]:
+            raise ValueError(f"engine {engine!r} cannot hold sums up to {bound} exactly; use engine='auto'")
+    return dtype, total < limits[dtype]
 
 
 def _check_range(x_max: int, k: int, decoder: SQDecoder):
@@ -125,12 +131,25 @@ def _check_range(x_max: int, k: int, decoder: SQDecoder):
         raise ValueError("accumulator could overflow int64 for these activations; use fewer activation bits")
 
 
-def _accumulate(cols: torch.Tensor, T: torch.Tensor, shifts, dtype) -> torch.Tensor:
-    """cols (R, K) int64 -> acc (R, O) int64: signed selection sums, then constant shifts, then add."""
-    y = (cols.to(dtype) @ T.to(dtype)).to(torch.int64)  # (R, J*O), exact integers
-    y = y.view(cols.shape[0], len(shifts), -1)           # (R, J, O)
-    sh = torch.tensor(shifts, dtype=torch.int64, device=cols.device).view(1, -1, 1)
-    return (y << sh).sum(1)
+def _accumulate(cols: torch.Tensor, T: torch.Tensor, shifts, dtype, exact_float_sum: bool) -> torch.Tensor:
+    """cols (R, K) -> acc (R, O) int64: signed selection sums, then constant shifts, then add.
+
+    ``exact_float_sum``: every partial sum of the shifted terms is an integer below the
+    float type's exact range, so the shifts (``ldexp``: exponent increments) and the final
+    adds stay in ``dtype``; otherwise they run in int64.
+    """
+    y = cols.to(dtype) @ T.to(dtype)  # (R, J*O): exact integers
+    y = y.view(cols.shape[0], len(shifts), -1)  # (R, J, O)
+    if dtype != torch.int64 and exact_float_sum:
+        acc = torch.ldexp(y[:, 0], torch.tensor(float(shifts[0]), dtype=dtype))
+        for j in range(1, len(shifts)):
+            acc.add_(torch.ldexp(y[:, j], torch.tensor(float(shifts[j]), dtype=dtype)))
+        return acc.to(torch.int64)
+    y = y.to(torch.int64)
+    acc = y[:, 0] << shifts[0]
+    for j in range(1, len(shifts)):
+        acc.add_(y[:, j] << shifts[j])
+    return acc
 
 
 def _engine(engine):
@@ -154,7 +173,8 @@ def mac_linear(x_int, codes, decoder: SQDecoder, engine: str = "auto") -> torch.
     T, shifts = _select_matrices(c, decoder)
     if not shifts:
         return torch.zeros(x.shape[0], c.shape[0], dtype=torch.int64)
-    return _accumulate(x, T, shifts, _pick_dtype(engine, x.device, c.shape[1], x_max))
+    dtype, exact = _pick_dtype(engine, x.device, c.shape[1], x_max, decoder)
+    return _accumulate(x, T, shifts, dtype, exact)
 
 
 def _pair(v, name):
@@ -204,7 +224,7 @@ def mac_conv2d(x_int, codes, decoder: SQDecoder, stride=1, padding=0, pad_value:
     x_max = max(int(x.max()) if x.numel() else 0, int(pad_value))
     _check_range(x_max, k, decoder)
     T, shifts = _select_matrices(c.reshape(o, k), decoder)
-    dtype = _pick_dtype(engine, x.device, k, x_max)
+    dtype, exact = _pick_dtype(engine, x.device, k, x_max, decoder)
     xd = x.to(dtype)
     b = x.shape[0]
     per_image = k * (x.shape[2] + 2 * padding[0]) * (x.shape[3] + 2 * padding[1])
@@ -213,7 +233,7 @@ def mac_conv2d(x_int, codes, decoder: SQDecoder, stride=1, padding=0, pad_value:
     for start in range(0, b, chunk):
         cols, ho, wo = im2col(xd[start:start + chunk], kh, kw, stride, padding, int(pad_value))
         if shifts:
-            acc = _accumulate(cols, T, shifts, dtype)
+            acc = _accumulate(cols, T, shifts, dtype, exact)
         else:
             acc = torch.zeros(cols.shape[0], o, dtype=torch.int64)
         outs.append(acc.view(-1, ho, wo, o).permute(0, 3, 1, 2))
