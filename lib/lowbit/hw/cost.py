@@ -55,6 +55,27 @@ ASSUMPTIONS = {
 }
 
 
+# supplement Table 2, "Relative HW cost (4-bit input)": for comparison only, never used in a computation
+PAPER_HW_COST_4BIT = {1: 45, 2: 51, 3: 80, 4: 108, 5: 45}
+
+
+def _fmt_terms(terms: TermSet) -> str:
+    return "{" + ", ".join("0" if e is None else ("1" if e == 0 else f"2^{e}") for e in terms.exponents) + "}"
+
+
+def supp_table2_hw_rows(input_bits: int = 4, options=(1, 2, 3, 4, 5)) -> list[dict]:
+    """Supplement Table 2's "Relative HW cost" row, recomputed: one row per option with
+    the MUX sizes, our cost and the paper's (4-bit input only)."""
+    rows = []
+    for o in options:
+        A, B = universal_terms(o)
+        rows.append({"option": o, "A": _fmt_terms(A), "B": _fmt_terms(B),
+                     "M_A": A.cases, "k_A": mux_width(A, input_bits), "M_B": B.cases, "k_B": mux_width(B, input_bits),
+                     "hw_cost": shifter_cost(o, input_bits),
+                     "hw_cost_paper": PAPER_HW_COST_4BIT.get(o) if input_bits == 4 else None})
+    return rows
+
+
 def _check_bits(name: str, bits, lo: int = 1, hi: int = 32) -> int:
     if isinstance(bits, bool) or not isinstance(bits, int) and not hasattr(bits, "__index__"):
         raise ValueError(f"{name} must be an integer number of bits in [{lo}, {hi}], got {bits!r}")

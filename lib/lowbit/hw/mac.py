@@ -158,10 +158,19 @@ def _engine(engine):
     return engine
 
 
-def mac_linear(x_int, codes, decoder: SQDecoder, engine: str = "auto") -> torch.Tensor:
+def selection_matrices(codes, decoder: SQDecoder):
+    """The decoder's output for a whole layer, ``(T, shifts)``, to pass as ``selection=`` when
+    the same codes are run many times. ``T`` is (K, J*O) of -1/0/+1, one block per non-zero MUX
+    case, ``shifts`` the J constant shifts; codes are (O, ...) and K their per-channel size."""
+    c = _check_codes(codes, decoder)
+    return _select_matrices(c.reshape(c.shape[0], -1), decoder)
+
+
+def mac_linear(x_int, codes, decoder: SQDecoder, engine: str = "auto", selection=None) -> torch.Tensor:
     """Integer accumulators (B, O) of a fully-connected layer on SQ's shift-add MAC (Fig. 4).
 
-    ``x_int`` (B, K) unsigned integers, ``codes`` (O, K) from :func:`lowbit.hw.encode_sq`.
+    ``x_int`` (B, K) unsigned integers, ``codes`` (O, K) from :func:`lowbit.hw.encode_sq`;
+    ``selection``: optional precomputed :func:`selection_matrices` of the same codes.
     """
     _engine(engine)
     x = _check_activation(x_int)
@@ -170,7 +179,7 @@ def mac_linear(x_int, codes, decoder: SQDecoder, engine: str = "auto") -> torch.
         raise ValueError(f"mac_linear needs x (B, K) and codes (O, K), got {tuple(x.shape)} and {tuple(c.shape)}")
     x_max = int(x.max()) if x.numel() else 0
     _check_range(x_max, c.shape[1], decoder)
-    T, shifts = _select_matrices(c, decoder)
+    T, shifts = selection if selection is not None else _select_matrices(c, decoder)
     if not shifts:
         return torch.zeros(x.shape[0], c.shape[0], dtype=torch.int64)
     dtype, exact = _pick_dtype(engine, x.device, c.shape[1], x_max, decoder)
@@ -201,12 +210,13 @@ def im2col(x: torch.Tensor, kh: int, kw: int, stride=(1, 1), padding=(0, 0), pad
 
 
 def mac_conv2d(x_int, codes, decoder: SQDecoder, stride=1, padding=0, pad_value: int = 0,
-               engine: str = "auto", max_elements: int = 1 << 24) -> torch.Tensor:
+               engine: str = "auto", max_elements: int = 1 << 24, selection=None) -> torch.Tensor:
     """Integer accumulators (B, O, Ho, Wo) of a conv layer on SQ's shift-add MAC (Fig. 4).
 
     ``x_int`` (B, C, H, W) unsigned integers; ``codes`` (O, C, kh, kw). ``pad_value`` is the
     integer the border is padded with (the zero point of asymmetric activations; 0 after ReLU).
     Work is split over the batch so that at most ``max_elements`` patch entries live at once.
+    ``selection``: optional precomputed :func:`selection_matrices` of the same codes.
     """
     _engine(engine)
     x = _check_activation(x_int)
@@ -223,7 +233,7 @@ def mac_conv2d(x_int, codes, decoder: SQDecoder, stride=1, padding=0, pad_value:
     k = cin * kh * kw
     x_max = max(int(x.max()) if x.numel() else 0, int(pad_value))
     _check_range(x_max, k, decoder)
-    T, shifts = _select_matrices(c.reshape(o, k), decoder)
+    T, shifts = selection if selection is not None else _select_matrices(c.reshape(o, k), decoder)
     dtype, exact = _pick_dtype(engine, x.device, k, x_max, decoder)
     xd = x.to(dtype)
     b = x.shape[0]

@@ -25,7 +25,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .encode import SQDecoder, decode_sq, encode_sq
-from .mac import activation_qparams, dequantize_activation, mac_conv2d, mac_linear, quantize_activation
+from .mac import (activation_qparams, dequantize_activation, mac_conv2d, mac_linear, quantize_activation,
+                  selection_matrices)
 
 MODES = ("int", "fake")
 
@@ -60,6 +61,7 @@ class ShiftAddLayer(nn.Module):
         flat = self.codes.reshape(out_ch, -1)
         zeros = torch.full((1, flat.shape[1]), self.act_zero_point, dtype=torch.int64)
         self.register_buffer("zero_correction", mac_linear(zeros, flat, decoder)[0])
+        self._selection = selection_matrices(self.codes, decoder)  # the decoder's output, computed once
 
     def quantize_input(self, x) -> torch.Tensor:
         return quantize_activation(x, self.act_bits, self.act_scale, self.act_zero_point)
@@ -71,9 +73,9 @@ class ShiftAddLayer(nn.Module):
         """Integer accumulators (zero point removed) of the layer on the shift-add MAC."""
         if self.kind == "conv":
             acc = mac_conv2d(x_int, self.codes, self.decoder, self.stride, self.padding,
-                             pad_value=self.act_zero_point)
+                             pad_value=self.act_zero_point, selection=self._selection)
         else:
-            acc = mac_linear(x_int, self.codes, self.decoder)
+            acc = mac_linear(x_int, self.codes, self.decoder, selection=self._selection)
         return acc - self._view(self.zero_correction, acc.ndim)
 
     def output_scale(self) -> torch.Tensor:
@@ -125,6 +127,32 @@ def _search_qps(weight, bits, option):
     return res.points, res.scale
 
 
+def mac_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The Conv2d / Linear layers that go onto the MAC, in registration order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+
+
+@torch.no_grad()
+def search_model_qps(model: nn.Module, weight_bits: int = 4, option=5, progress: bool = False) -> dict:
+    """SQ Algorithm 1 on every Conv2d / Linear of the BN-folded ``model``.
+
+    Returns ``{layer: {"points": [...], "scale": [...]}}`` (JSON-able, for
+    :func:`lowbit.results.cached`), one QPS per layer and one scale per output channel.
+    """
+    from ..fold_bn import fold_bn
+
+    layers = mac_layers(fold_bn(model).to(torch.float64))
+    if progress:
+        from tqdm.auto import tqdm
+        layers = tqdm(layers, desc=f"QPS search ({weight_bits}-bit, option {option})")
+    out = {}
+    for name, layer in layers:
+        points, scale = _search_qps(layer.weight.detach().to(torch.float64), weight_bits, option)
+        out[name] = {"points": [float(p) for p in points],
+                     "scale": [float(v) for v in torch.as_tensor(scale, dtype=torch.float64).reshape(-1)]}
+    return out
+
+
 @torch.no_grad()
 def to_shift_add(model: nn.Module, calib_images: torch.Tensor, weight_bits: int = 4, act_bits: int = 8,
                  option=5, qps_fn=None, calib_batch: int = 256):
@@ -132,7 +160,8 @@ def to_shift_add(model: nn.Module, calib_images: torch.Tensor, weight_bits: int 
 
     Weights: SQ with one QPS per layer and one scale per output channel (the paper's setting,
     Sec. 4), from ``qps_fn(weight, bits, option) -> (points, scale)`` (default
-    :func:`lowbit.search_qps`). Activations: unsigned ``act_bits``-bit linear quantization at
+    :func:`lowbit.search_qps`) or from a mapping ``{layer: {"points", "scale"}}`` such as
+    :func:`search_model_qps` returns. Activations: unsigned ``act_bits``-bit linear quantization at
     every layer input, min/max calibrated on ``calib_images`` through the float folded model
     (asymmetric with a zero point where the input can be negative, i.e. the normalized image).
     The returned model is float64, in ``"int"`` mode.
@@ -141,7 +170,12 @@ def to_shift_add(model: nn.Module, calib_images: torch.Tensor, weight_bits: int 
 
     qps_fn = qps_fn or _search_qps
     folded = fold_bn(model).to(torch.float64).eval()
-    layers = [(n, m) for n, m in folded.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    layers = mac_layers(folded)
+    table = qps_fn if isinstance(qps_fn, dict) else None
+    if table is not None:
+        missing = [n for n, _ in layers if n not in table]
+        if missing:
+            raise ValueError(f"the QPS mapping has no entry for layers {missing}")
     if not layers:
         raise ValueError("model has no Conv2d / Linear layer to map onto the MAC")
     lo = {n: float("inf") for n, _ in layers}
@@ -165,7 +199,10 @@ def to_shift_add(model: nn.Module, calib_images: torch.Tensor, weight_bits: int 
     report = []
     for name, layer in layers:
         w = layer.weight.detach().to(torch.float64)
-        points, scale = qps_fn(w, weight_bits, option)
+        if table is not None:
+            points, scale = table[name]["points"], torch.as_tensor(table[name]["scale"], dtype=torch.float64)
+        else:
+            points, scale = qps_fn(w, weight_bits, option)
         codes, decoder = encode_sq(w, points, scale, option)
         a_scale, zp = activation_qparams(torch.tensor([lo[name], hi[name]]), act_bits)
         _set_module(folded, name, ShiftAddLayer(layer, codes, decoder, layer.bias, act_bits, a_scale, zp, name))
