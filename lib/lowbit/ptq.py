@@ -331,15 +331,15 @@ _FIT_CACHE: "OrderedDict[tuple, FittedQuantizer]" = OrderedDict()
 _FIT_CACHE_SIZE = 512
 
 
-def _fit_cached(weight: torch.Tensor, method: str, bits: int, granularity: str) -> FittedQuantizer:
+def _fit_cached(weight: torch.Tensor, method: str, bits: int, granularity: str, universal=5) -> FittedQuantizer:
     """:func:`fit_quantizer` memoised on the weight's bytes (an SQ search is the slow part)."""
     w = weight.detach().cpu().contiguous()
     key = (hashlib.sha256(w.numpy().tobytes()).hexdigest(), tuple(w.shape), str(w.dtype),
-           method, int(bits), granularity)
+           method, int(bits), granularity, repr(universal) if method == "sq" else None)
     if key in _FIT_CACHE:
         _FIT_CACHE.move_to_end(key)
         return copy.deepcopy(_FIT_CACHE[key])
-    fq = fit_quantizer(weight, method, bits, granularity)
+    fq = fit_quantizer(weight, method, bits, granularity, universal=universal)
     _FIT_CACHE[key] = copy.deepcopy(fq)
     while len(_FIT_CACHE) > _FIT_CACHE_SIZE:
         _FIT_CACHE.popitem(last=False)
@@ -544,7 +544,8 @@ def _check_bits_arg(value, name: str, allow_none: bool = False):
 
 def quantize_model(model: nn.Module, method: str, w_bits: int, a_bits: int | None = None, calib=None,
                    first_last_bits: int = 8, granularity: str = "channel", refine=False, seed: int = 0,
-                   calib_size: int | None = None, max_rows: int = 16384, batch_size: int = 256) -> nn.Module:
+                   calib_size: int | None = None, max_rows: int = 16384, batch_size: int = 256,
+                   universal=5) -> nn.Module:
     """A new module simulating ``model`` after post-training quantization (API).
 
     * BN folded into the preceding conv (:func:`fold_bn`), then every ``Conv2d``/``Linear``
@@ -560,7 +561,8 @@ def quantize_model(model: nn.Module, method: str, w_bits: int, a_bits: int | Non
 
     ``calib``: a DataLoader/Dataset of ``(input, label)`` pairs or a tensor of inputs
     (needed when ``a_bits`` or ``refine`` is set); ``calib_size`` keeps its first samples.
-    ``seed`` seeds the row subsampling of the refinement. ``model`` is left untouched.
+    ``seed`` seeds the row subsampling of the refinement; ``universal`` is the SQ universal
+    set (option 1..5 of SQ Table 1, default 5). ``model`` is left untouched.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -593,7 +595,7 @@ def quantize_model(model: nn.Module, method: str, w_bits: int, a_bits: int | Non
     for i, (name, layer) in enumerate(layers):
         role = "first" if i == 0 else ("last" if i == len(layers) - 1 else "body")
         if role == "body":
-            fq = _fit_cached(layer.weight, method, w_bits, granularity)
+            fq = _fit_cached(layer.weight, method, w_bits, granularity, universal)
         else:
             fq = _fit_cached(layer.weight, "uniform", first_last_bits, granularity)
         cls = QuantConv2d if isinstance(layer, nn.Conv2d) else QuantLinear
@@ -607,7 +609,8 @@ def quantize_model(model: nn.Module, method: str, w_bits: int, a_bits: int | Non
             refine_layer(qmodel, name, fp, x_calib, refine, max_rows, seed * 1000 + j, batch_size)
     qmodel.quant_config = {"method": method, "w_bits": w_bits, "a_bits": a_bits,
                            "first_last_bits": first_last_bits, "granularity": granularity,
-                           "refine": refine or False, "seed": seed}
+                           "refine": refine or False, "seed": seed,
+                           "universal": universal if method == "sq" else None}
     return qmodel.eval()
 
 
@@ -640,3 +643,46 @@ def summary(qmodel: nn.Module):
         return pd.DataFrame(rows)
     except ImportError:  # pragma: no cover
         return rows
+
+
+# ----------------------------------------------------------------------------- experiments
+def run_ptq(model: str, dataset: str, method: str, w_bits: int, a_bits: int | None = None,
+            refine=False, seed: int = 0, calib_size: int = 1024, test_size: int | None = None,
+            first_last_bits: int = 8, universal=5, max_rows: int = 16384) -> dict:
+    """One cell of SQ Tables 2-3: quantize the committed FP ``model``/``dataset`` and test it.
+
+    The calibration set is ``calib_size`` training images drawn with ``seed``
+    (:func:`lowbit.data.calibration_subset`); accuracy is top-1 % on the first ``test_size``
+    test images (all by default). Returns ``{"accuracy", "fp_accuracy", "seconds",
+    "weight_mse"}`` (mean weight MSE over the body layers) -- JSON-able, for
+    :func:`lowbit.results.cached`.
+    """
+    import time
+
+    from . import data, evaluate, models as model_zoo
+
+    started = time.time()
+    fp = model_zoo.load_pretrained(model, dataset)
+    test = data.load_dataset(dataset, "test")
+    if test_size is not None and test_size < len(test):
+        test = data.TensorImageDataset(test.images[:test_size], test.labels[:test_size], test.name, test.split)
+    needs_calib = a_bits is not None or bool(refine)
+    calib = (data.calibration_subset(data.load_dataset(dataset, "train"), calib_size, seed)
+             if needs_calib else None)
+    qmodel = quantize_model(fp, method, w_bits, a_bits=a_bits, calib=calib, first_last_bits=first_last_bits,
+                            refine=refine, seed=seed, max_rows=max_rows, universal=universal)
+    body = [layer.weight_mse() for _, layer in quantized_layers(qmodel) if layer.role == "body"]
+    return {"accuracy": evaluate.accuracy(qmodel, test), "fp_accuracy": evaluate.accuracy(fp, test),
+            "seconds": time.time() - started, "weight_mse": float(np.mean(body)) if body else 0.0}
+
+
+def degradation_cell(fp_accuracy: float, accuracies) -> str:
+    """SQ's table format: accuracy drop from FP with the accuracy in parentheses,
+    ``"drop +- std (acc)"`` over seeds (``+-`` omitted for a single value)."""
+    acc = np.asarray(list(accuracies), dtype=np.float64)
+    if acc.size == 0:
+        return "-"
+    drop = fp_accuracy - acc
+    if acc.size == 1:
+        return f"{drop[0]:.2f} ({acc[0]:.2f})"
+    return f"{drop.mean():.2f} \u00b1 {drop.std(ddof=1):.2f} ({acc.mean():.2f})"

@@ -12,7 +12,7 @@ times a scale" (eq. 3); quantizers differ only in the QPS. Each QPS here is the 
 ``"log2"``         eq. 5: ``{0} u {2^-i : i = 0..N-2}`` (the positive side of eq. 5).
 ``"two_word_log"`` eq. 6: ``{a + b : a, b in S_log}`` with ``S_log`` the eq.-5 set at the same
                    ``bits``, normalised to max 1. As eq. 6 says, this needs *two words* of
-                   ``bits`` bits, so its QPS has more than ``N`` points (e.g. 29 at 4 bits):
+                   ``bits`` bits, so its QPS has more than ``N`` points (e.g. 30 at 4 bits):
                    it is the "more storage" reference, not a ``bits``-bit quantizer.
 ``"apot"``         additive powers-of-two (Li, Dong, Wang, ICLR 2020), built exactly as the
                    official ``build_power_value(B)`` with ``B = bits - 1`` (the sign bit is

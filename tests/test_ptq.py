@@ -1,0 +1,222 @@
+"""Model-level PTQ: BN folding, first/last-layer precision, activation quantization, SQ's final
+optimisation (refinement), input model untouched, 8-bit sanity on resnet20, bad input."""
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import lowbit
+from lowbit import models, ptq
+from lowbit.quantizers import qps
+
+
+def _randomise_bn(model, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            c = m.num_features
+            m.running_mean.copy_(torch.rand(c, generator=gen) - 0.5)
+            m.running_var.copy_(torch.rand(c, generator=gen) + 0.5)
+            m.weight.data.copy_(torch.rand(c, generator=gen) + 0.5)
+            m.bias.data.copy_(torch.rand(c, generator=gen) * 0.4 - 0.2)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def resnet20():
+    torch.manual_seed(0)
+    return _randomise_bn(models.build("resnet20"))
+
+
+@pytest.fixture(scope="module")
+def lenet():
+    torch.manual_seed(0)
+    return models.build("lenet5").eval()
+
+
+def _params(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+# ----------------------------------------------------------------------------- BN folding
+def test_fold_bn_preserves_fp_outputs(resnet20):
+    x = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    before = _params(resnet20)
+    folded = ptq.fold_bn(resnet20)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    with torch.no_grad():
+        assert torch.allclose(folded(x), resnet20(x), atol=1e-5, rtol=1e-5)
+    after = _params(resnet20)
+    assert all(torch.equal(before[k], after[k]) for k in before)  # input model untouched
+
+
+def test_fold_bn_registration_fallback_matches_fx(resnet20):
+    from lowbit.fold_bn import _pairs_fx, _pairs_registration
+
+    assert _pairs_fx(resnet20) == _pairs_registration(resnet20)
+    assert len(_pairs_fx(resnet20)) == 19  # conv1 + 18 block convs each have a BN
+
+
+def test_quantizable_layers_forward_order(resnet20, lenet):
+    names = [n for n, _ in ptq.quantizable_layers(resnet20)]
+    assert names[0] == "conv1" and names[-1] == "fc" and len(names) == 20
+    assert [n for n, _ in ptq.quantizable_layers(lenet)] == ["conv1", "conv2", "fc1", "fc2", "fc3"]
+
+
+# ----------------------------------------------------------------------------- quantize_model
+@pytest.mark.parametrize("method", ["uniform", "log2", "two_word_log", "apot"])
+def test_first_last_layers_at_first_last_bits(lenet, method):
+    q = lowbit.quantize_model(lenet, method, 3, first_last_bits=6)
+    layers = ptq.quantized_layers(q)
+    for name, layer in layers:
+        fq = layer.quantizer
+        if name in ("conv1", "fc3"):
+            assert (fq.method, fq.bits) == ("uniform", 6)
+            # per output channel at most 2 * 2^(6-1) - 1 = 63 distinct levels, all on the 6-bit grid
+            w = layer.weight.detach().double().reshape(layer.weight.shape[0], -1)
+            s = torch.as_tensor(fq.scale).reshape(-1, 1)
+            codes = w / s * (len(qps("uniform", 6)) - 1)
+            assert torch.allclose(codes, codes.round(), atol=1e-4)
+            assert codes.abs().max() <= 31 + 1e-6
+        else:
+            assert (fq.method, fq.bits) == (method, 3)
+
+
+def test_input_model_unchanged_and_output_is_new_module(lenet):
+    before = _params(lenet)
+    x = torch.randn(64, 1, 28, 28, generator=torch.Generator().manual_seed(2))
+    q = lowbit.quantize_model(lenet, "apot", 3, a_bits=4, calib=x, refine=True)
+    after = _params(lenet)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert q is not lenet and not any(isinstance(m, ptq.ActQuantizer) for m in lenet.modules())
+    assert all(p.requires_grad for p in lenet.parameters())
+
+
+def test_activation_quantizers_unsigned_and_calibrated(lenet):
+    x = torch.randn(128, 1, 28, 28, generator=torch.Generator().manual_seed(3))
+    q = lowbit.quantize_model(lenet, "uniform", 4, a_bits=3, calib=x)
+    acts = [(n, m) for n, m in q.named_modules() if isinstance(m, ptq.ActQuantizer)]
+    assert [n for n, _ in acts] == ["relu1.act", "relu2.act", "relu3.act", "relu4.act"]
+    assert [m.bits for _, m in acts] == [3, 3, 3, 8]  # the ReLU feeding the classifier at 8 bits
+    seen = {}
+    hooks = [m.register_forward_hook(lambda mod, i, o, n=n: seen.__setitem__(n, o)) for n, m in acts]
+    with torch.no_grad():
+        q(x[:16])
+    for h in hooks:
+        h.remove()
+    for n, m in acts:
+        codes = seen[n] / m.step
+        assert (codes >= 0).all() and (codes <= 2 ** m.bits - 1 + 1e-4).all()
+        assert torch.allclose(codes, codes.round(), atol=1e-3)
+
+
+def test_act_quantizer_mse_step_beats_max_step():
+    a = ptq.ActQuantizer(3)
+    x = torch.relu(torch.randn(10_000, generator=torch.Generator().manual_seed(4))) ** 2
+    step = a.calibrate(x)
+    max_step = float(x.max()) / 7
+    mse = lambda s: float(((a.quantize(x, s) - x) ** 2).mean())  # noqa: E731
+    assert step < max_step and mse(step) <= mse(max_step)
+
+
+def test_refine_lowers_layer_reconstruction_error(lenet):
+    x = torch.randn(256, 1, 28, 28, generator=torch.Generator().manual_seed(5))
+    plain = lowbit.quantize_model(lenet, "uniform", 2)
+    refined = lowbit.quantize_model(lenet, "uniform", 2, calib=x, refine=True)
+    fp = ptq.fold_bn(lenet)
+    with torch.no_grad():
+        err = lambda m: float(((m(x) - fp(x)) ** 2).mean())  # noqa: E731
+        assert err(refined) < err(plain)
+    for name, layer in ptq.quantized_layers(refined):
+        assert layer.refine_info["loss_drop"] >= 0
+        # refined weights still lie in the layer's QPS times its (new) scales
+        fq = layer.quantizer
+        w = layer.weight.detach().double().reshape(layer.weight.shape[0], -1)
+        s = torch.as_tensor(fq.scale, dtype=torch.float64).reshape(-1, 1, 1)
+        levels = torch.as_tensor(np.asarray(fq.points))
+        assert ((w.abs().unsqueeze(-1) - s * levels).abs().amin(-1) <= 1e-5 * s[:, :, 0]).all()
+
+
+def test_refine_rounding_is_a_local_optimum_and_never_worse():
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(200, 5, generator=gen, dtype=torch.float64)
+    w = torch.randn(3, 5, generator=gen, dtype=torch.float64)
+    g, cw = x.T @ x / 200, w @ (x.T @ x / 200).T
+    p, s = qps("uniform", 2 + 1), torch.full((3,), 0.6, dtype=torch.float64)
+    loss = lambda q: ((q @ g) * q).sum(1) - 2 * (q * cw).sum(1)  # noqa: E731
+    nearest = lowbit.qps.quantize_to_points(w, p, s, dim=0)
+    q = ptq.refine_rounding(w, p, s, g, cw, sweeps=10)
+    assert (loss(q) <= loss(nearest) + 1e-12).all()
+    # reference check: no single entry can move to its other QPS neighbour and lower the loss
+    for c in range(3):
+        for k in range(5):
+            u = abs(float(w[c, k])) / 0.6
+            lo = max(v for v in p if v <= u + 1e-12) if u >= p[0] else p[0]
+            hi = min((v for v in p if v > lo), default=lo)
+            for alt in (lo, hi):
+                q2 = q.clone()
+                q2[c, k] = np.sign(float(w[c, k])) * 0.6 * alt
+                assert float(loss(q2)[c]) >= float(loss(q)[c]) - 1e-12
+
+
+def test_calib_accepts_tensor_dataset_and_loader(lenet):
+    x = torch.randn(32, 1, 28, 28, generator=torch.Generator().manual_seed(7))
+    ds = TensorDataset(x, torch.zeros(32, dtype=torch.long))
+    for calib in (x, ds, DataLoader(ds, batch_size=8)):
+        assert torch.equal(ptq.calibration_tensor(calib), x)
+    q = lowbit.quantize_model(lenet, "log2", 4, a_bits=8, calib=DataLoader(ds, batch_size=8))
+    assert torch.isfinite(q(x)).all()
+
+
+def test_summary_table(lenet):
+    x = torch.randn(32, 1, 28, 28, generator=torch.Generator().manual_seed(8))
+    table = ptq.summary(lowbit.quantize_model(lenet, "apot", 4, a_bits=4, calib=x))
+    assert {"layer", "method", "bits", "qps", "scale_min", "scale_max", "weight_mse"} <= set(table.columns)
+    weights = table[table.kind != "ActQuantizer"]
+    assert list(weights.method) == ["uniform", "apot", "apot", "apot", "uniform"]
+    assert (weights.weight_mse > 0).all() and (weights.scale_min <= weights.scale_max).all()
+    assert len(table) == 5 + 4
+
+
+def test_torchvision_resnet18_random_init():
+    torch.manual_seed(0)
+    r18 = _randomise_bn(models.build("resnet18"))
+    q = lowbit.quantize_model(r18, "log2", 4, granularity="layer")  # per-layer scales: fast on 11M weights
+    layers = ptq.quantized_layers(q)
+    assert len(layers) == 21 and layers[0][1].quantizer.bits == 8 and layers[-1][1].quantizer.bits == 8
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in q.modules())
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        assert torch.isfinite(q(x)).all() and q(x).shape == (2, 10)  # lowbit.models.build: 10 classes
+
+
+def test_resnet20_w8a8_within_half_a_point_of_fp():
+    try:
+        fp = models.load_pretrained("resnet20", "fashion-mnist")
+    except FileNotFoundError:
+        pytest.skip("resnet20-fashion-mnist.pt not trained yet (make baselines)")
+    from lowbit import data, evaluate
+
+    test = data.load_dataset("fashion-mnist", "test")
+    test = data.TensorImageDataset(test.images[:2000], test.labels[:2000])
+    calib = data.calibration_subset(data.load_dataset("fashion-mnist", "train"), 256, seed=0)
+    q = lowbit.quantize_model(fp, "uniform", 8, a_bits=8, calib=calib)
+    assert abs(evaluate.accuracy(q, test) - evaluate.accuracy(fp, test)) <= 0.5
+
+
+# ----------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("kwargs,match", [
+    ({"method": "ternary", "w_bits": 4}, "unknown method"),
+    ({"method": "uniform", "w_bits": 1}, "w_bits"),
+    ({"method": "uniform", "w_bits": "4"}, "w_bits"),
+    ({"method": "sq", "w_bits": 6}, "SQ bits"),
+    ({"method": "uniform", "w_bits": 4, "a_bits": 4}, "calib"),
+    ({"method": "uniform", "w_bits": 4, "refine": True}, "calib"),
+    ({"method": "uniform", "w_bits": 4, "refine": "adaround", "calib": torch.zeros(2, 1, 28, 28)}, "refine"),
+    ({"method": "uniform", "w_bits": 4, "first_last_bits": 0}, "first_last_bits"),
+    ({"method": "uniform", "w_bits": 4, "granularity": "tensor"}, "granularity"),
+])
+def test_bad_arguments_raise_valueerror(lenet, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        lowbit.quantize_model(lenet, **kwargs)
