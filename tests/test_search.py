@@ -28,9 +28,16 @@ def layers(draw):
     return w
 
 
+BACKENDS = ["torch"] + (["c"] if lowbit.search._c_kernel() is not None else [])
+
+
 def assert_agree(w, bits, option, granularity):
     ref = lowbit.search_qps(w, bits, option, granularity, method="reference")
-    fast = lowbit.search_qps(w, bits, option, granularity, method="fast")
+    for backend in BACKENDS[:-1]:
+        other = lowbit.search_qps(w, bits, option, granularity, method="fast", backend=backend)
+        assert other.index == ref.index and other.iterations == ref.iterations
+        assert np.allclose(other.losses, ref.losses, rtol=1e-9, atol=1e-12 * float(np.sum(w * w)) + 1e-300)
+    fast = lowbit.search_qps(w, bits, option, granularity, method="fast", backend=BACKENDS[-1])
     energy = float(np.sum(w * w))
     assert fast.index == ref.index
     assert np.array_equal(fast.points, ref.points)
@@ -42,7 +49,7 @@ def assert_agree(w, bits, option, granularity):
     return ref, fast
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(layers(), st.sampled_from([(1, 5), (2, 5), (3, 5), (2, 3), (4, 1)]),
        st.sampled_from(["channel", "layer"]))
 def test_fast_equals_reference(w, bits_option, granularity):
@@ -93,6 +100,7 @@ def test_channel_search_beats_layer_search_and_4d_weights():
     (dict(bits=3, universal=7), "unknown universal-set option"),
     (dict(bits=3, granularity="tensor"), "granularity"),
     (dict(bits=3, method="slow"), "method"),
+    (dict(bits=3, backend="gpu"), "backend"),
 ])
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -120,3 +128,4 @@ def test_quantize_weights_sq_keeps_edges_uniform():
         assert len(r["points"]) == 2 and np.isin(r["points"], lowbit.universal_set(1)).all()
     w = qmodel.conv2.weight.detach()
     assert all(len(torch.unique(w[c].abs())) <= 2 for c in range(w.shape[0]))
+

@@ -64,6 +64,7 @@ class SearchResult:
     bits: int
     granularity: str
     method: str
+    backend: str = ""
     iterations: int = 0
     not_converged: int = 0
 
@@ -216,9 +217,175 @@ def _fast(rows: np.ndarray, qps: np.ndarray, tol: float, max_iter: int, device, 
     return losses.cpu().numpy(), scales.cpu().numpy(), iterations, not_converged
 
 
+# --- compiled kernel: the same iteration, one (subset, channel) pair at a time --------------
+# Plain C99 (no fast-math, no FMA contraction, so every operation rounds as numpy's does),
+# compiled once with the system C compiler into a per-user cache and called through ctypes
+# (which releases the GIL, so chunks of subsets run on several threads). Counts move from
+# the previous iteration's by galloping search, so a small change of scale costs a few
+# comparisons instead of a full search; the elements next to each threshold are then checked
+# with the reference's own distance comparison, so floating-point ties resolve identically.
+# Without a compiler the torch path is used.
+_C_SOURCE = r"""
+#include <math.h>
+#include <stdint.h>
+
+static int64_t upper_in(const double *a, int64_t lo, int64_t hi, double t) {
+    /* first index in [lo, hi) with a[i] > t, or hi */
+    while (lo < hi) { int64_t mid = lo + (hi - lo) / 2; if (a[mid] <= t) lo = mid + 1; else hi = mid; }
+    return lo;
+}
+
+static int64_t count_le(const double *a, int64_t n, int64_t c, double t) {
+    /* #{a <= t} for sorted a, starting from a previous count c (galloping) */
+    if (c < n && a[c] <= t) {
+        int64_t i = c, step = 1;
+        while (i + step < n && a[i + step] <= t) { i += step; step <<= 1; }
+        return upper_in(a, i + 1, (i + step < n) ? i + step : n, t);
+    }
+    if (c > 0 && a[c - 1] > t) {
+        int64_t i = c - 1, step = 1;
+        while (i - step >= 0 && a[i - step] > t) { i -= step; step <<= 1; }
+        return upper_in(a, (i - step + 1 > 0) ? i - step + 1 : 0, i, t);
+    }
+    return c;
+}
+
+void sq_search(const double *a_sorted, const double *prefix, const int64_t *zeros, const double *energy,
+               int64_t n_rows, int64_t n, const double *pts, int64_t k_begin, int64_t k_end, int64_t n_pts,
+               double tol, int64_t max_iter, double *losses, double *scales, int64_t *iters, int64_t *not_conv) {
+    int64_t counts[64];
+    for (int64_t k = k_begin; k < k_end; k++) { losses[k] = 0.0; iters[k] = 0; not_conv[k] = 0; }
+    for (int64_t r = 0; r < n_rows; r++) {  /* channel outer: its magnitudes stay in cache */
+        const double *a = a_sorted + r * n, *pre = prefix + r * (n + 1);
+        double amax = a[n - 1];
+        for (int64_t k = k_begin; k < k_end; k++) {
+            const double *p = pts + k * n_pts;
+            double pmax = p[n_pts - 1], s, s0, S = 0.0, Q = 0.0;
+            if (amax == 0.0 || pmax == 0.0) { scales[k * n_rows + r] = 1.0; losses[k] += energy[r]; continue; }
+            s0 = amax / pmax; s = s0;
+            int converged = 0; int64_t it = 0;
+            for (;;) {
+                int64_t prev = 0;
+                S = 0.0; Q = 0.0;
+                for (int64_t j = 0; j < n_pts; j++) {  /* eq. 8 via thresholds, eq. 10 sums */
+                    int64_t c = n;
+                    if (j + 1 < n_pts) {
+                        double lo = s * p[j], hi = s * p[j + 1], t = s * ((p[j + 1] + p[j]) / 2);
+                        c = (it == 0) ? upper_in(a, 0, n, t) : count_le(a, n, counts[j], t);
+                        /* the reference's argmin decides at the boundary: |a - s p_j| <= |a - s p_j+1|
+                           means point j (ties to the smaller point), whatever rounding did to s m_j */
+                        while (c > 0 && !(fabs(a[c - 1] - lo) <= fabs(hi - a[c - 1]))) c--;
+                        while (c < n && fabs(a[c] - lo) <= fabs(hi - a[c])) c++;
+                        counts[j] = c;
+                    }
+                    int64_t cnt = c - prev - (j == 0 ? zeros[r] : 0);
+                    S += p[j] * (pre[c] - pre[prev]);
+                    Q += p[j] * p[j] * (double)cnt;
+                    prev = c;
+                }
+                if (converged || it >= max_iter) break;
+                if (Q == 0.0) { converged = 1; break; }
+                double s_new = S / Q;
+                it++;
+                double change = fabs(s_new - s) / s0;
+                s = s_new;
+                converged = change <= tol;
+            }
+            double loss = energy[r] - 2.0 * s * S + s * s * Q;
+            losses[k] += loss > 0.0 ? loss : 0.0;
+            scales[k * n_rows + r] = s;
+            iters[k] += it; not_conv[k] += !converged;
+        }
+    }
+}
+"""
+_C_LIB = None
+
+
+def _c_kernel():
+    """The compiled kernel (ctypes), or None when no C compiler is available."""
+    global _C_LIB
+    if _C_LIB is not None:
+        return _C_LIB or None
+    import ctypes
+    import hashlib
+    import os
+    import shutil
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        _C_LIB = False
+        return None
+    tag = hashlib.sha256(_C_SOURCE.encode()).hexdigest()[:16]
+    folder = Path(os.environ.get("LOWBIT_KERNEL_DIR", Path(tempfile.gettempdir()) / f"lowbit-kernels-{os.getuid()}"))
+    lib = folder / f"sq_search_{tag}.so"
+    try:
+        if not lib.exists():
+            folder.mkdir(parents=True, exist_ok=True)
+            src = folder / f"sq_search_{tag}.{os.getpid()}.c"
+            src.write_text(_C_SOURCE)
+            tmp = folder / f".sq_search_{tag}.{os.getpid()}.so"
+            subprocess.run([cc, "-O3", "-std=c99", "-fPIC", "-shared", "-ffp-contract=off", "-fno-fast-math",
+                            str(src), "-o", str(tmp), "-lm"], check=True, capture_output=True, timeout=120)
+            os.replace(tmp, lib)
+            src.unlink(missing_ok=True)
+        dll = ctypes.CDLL(str(lib))
+    except (OSError, subprocess.SubprocessError):
+        _C_LIB = False
+        return None
+    dp, ip, i64, f64 = ctypes.POINTER(ctypes.c_double), ctypes.POINTER(ctypes.c_int64), ctypes.c_int64, ctypes.c_double
+    dll.sq_search.argtypes = [dp, dp, ip, dp, i64, i64, dp, i64, i64, i64, f64, i64, dp, dp, ip, ip]
+    dll.sq_search.restype = None
+    _C_LIB = dll
+    return dll
+
+
+def _fast_c(rows: np.ndarray, qps: np.ndarray, tol: float, max_iter: int, threads: int):
+    """:func:`_fast` in the compiled kernel: same sums, same thresholds, same stopping rule."""
+    import ctypes
+    from concurrent.futures import ThreadPoolExecutor
+
+    dll = _c_kernel()
+    a_sorted = np.ascontiguousarray(np.sort(np.abs(rows), axis=1))
+    n_rows, n = a_sorted.shape
+    prefix = np.ascontiguousarray(np.concatenate([np.zeros((n_rows, 1)), np.cumsum(a_sorted, axis=1)], axis=1))
+    zeros = np.ascontiguousarray((a_sorted == 0).sum(1).astype(np.int64))
+    energy = np.ascontiguousarray((a_sorted * a_sorted).sum(1))
+    pts = np.ascontiguousarray(qps, dtype=np.float64)
+    n_cand, n_pts = pts.shape
+    if n_pts > 65:
+        raise ValueError("the compiled kernel supports at most 65 points per QPS (bits <= 7): use backend='torch'")
+    losses = np.zeros(n_cand)
+    scales = np.zeros((n_cand, n_rows))
+    iters = np.zeros(n_cand, dtype=np.int64)
+    not_conv = np.zeros(n_cand, dtype=np.int64)
+
+    def ptr(x, ctype=ctypes.c_double):
+        return x.ctypes.data_as(ctypes.POINTER(ctype))
+
+    def run(bounds):
+        dll.sq_search(ptr(a_sorted), ptr(prefix), ptr(zeros, ctypes.c_int64), ptr(energy), n_rows, n, ptr(pts),
+                      bounds[0], bounds[1], n_pts, float(tol), int(max_iter), ptr(losses), ptr(scales),
+                      ptr(iters, ctypes.c_int64), ptr(not_conv, ctypes.c_int64))
+
+    n_chunks = max(1, min(n_cand, 8 * threads))
+    edges = np.linspace(0, n_cand, n_chunks + 1).astype(int)
+    chunks = [(int(edges[i]), int(edges[i + 1])) for i in range(n_chunks) if edges[i + 1] > edges[i]]
+    if threads <= 1:
+        for b in chunks:
+            run(b)
+    else:
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(run, chunks))
+    return losses, scales, int(iters.sum()), int(not_conv.sum())
+
+
 def search_qps(weight, bits: int, universal=5, granularity: str = "channel", method: str = "fast",
-               tol: float = 1e-5, max_iter: int = 1000, device=None,
-               chunk_queries: int = 1 << 22) -> SearchResult:
+               tol: float = 1e-5, max_iter: int = 1000, device=None, backend: str = "auto",
+               threads: int | None = None, chunk_queries: int = 1 << 22) -> SearchResult:
     """The QPS (N-subset of S_U) with the smallest L2 weight-quantization error (API).
 
     SQ Algorithm 1. ``weight``: torch tensor or numpy array, output channels on dim 0;
@@ -226,7 +393,10 @@ def search_qps(weight, bits: int, universal=5, granularity: str = "channel", met
     option 1..5 of SQ Table 1 or a user pair ``(A, B)``; ``granularity``: ``"channel"`` (one
     QPS per layer, one scale per output channel) or ``"layer"``; ``method``: ``"fast"`` or
     ``"reference"`` (same QPS, same loss). ``tol``/``max_iter``: the scale iteration's
-    (:func:`lowbit.scale.optimal_scale`). ``device`` (fast only): default CUDA when available.
+    (:func:`lowbit.scale.optimal_scale`). Fast only: ``backend`` ``"torch"`` (vectorized,
+    on ``device``, default CUDA when available), ``"c"`` (compiled kernel on ``threads`` CPU
+    threads, default torch's thread count) or ``"auto"`` (torch on CUDA, else the kernel when
+    a C compiler exists, else torch on CPU).
     """
     started = time.perf_counter()
     if granularity not in GRANULARITIES:
@@ -242,10 +412,20 @@ def search_qps(weight, bits: int, universal=5, granularity: str = "channel", met
     if method == "reference":
         losses, scales, iterations, not_converged = _reference(rows, qps, tol, max_iter)
     else:
+        if backend not in ("auto", "torch", "c"):
+            raise ValueError(f"unknown backend {backend!r}: use 'auto', 'torch' or 'c'")
         if device is None:
             device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        losses, scales, iterations, not_converged = _fast(rows, qps, tol, max_iter, torch.device(device),
-                                                          chunk_queries)
+        device = torch.device(device)
+        if backend == "auto":
+            backend = "c" if device.type == "cpu" and _c_kernel() is not None else "torch"
+        if backend == "c":
+            if _c_kernel() is None:
+                raise RuntimeError("backend='c' needs a C compiler (cc/gcc, or $CC): use backend='torch'")
+            losses, scales, iterations, not_converged = _fast_c(rows, qps, tol, max_iter,
+                                                                threads or torch.get_num_threads())
+        else:
+            losses, scales, iterations, not_converged = _fast(rows, qps, tol, max_iter, device, chunk_queries)
     best = _select(losses, energy)
     points = qps[best].copy()
     scale = scales[best].copy()
@@ -254,6 +434,7 @@ def search_qps(weight, bits: int, universal=5, granularity: str = "channel", met
     return SearchResult(points=points, scale=float(scale[0]) if granularity == "layer" else scale,
                         loss=loss, candidates=int(qps.shape[0]), seconds=time.perf_counter() - started,
                         index=best, losses=losses, bits=int(bits), granularity=granularity, method=method,
+                        backend="" if method == "reference" else backend,
                         iterations=int(iterations), not_converged=int(not_converged))
 
 
