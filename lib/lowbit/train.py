@@ -120,7 +120,10 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     _, meta = train_fp(a.model, a.dataset, epochs=a.epochs, lr=a.lr, batch_size=a.batch_size, seed=a.seed)
     print(f"{a.model}/{a.dataset}: test top-1 {meta['test_accuracy']:.2f}% in {meta['train_seconds']:.0f} s")
     return 0
