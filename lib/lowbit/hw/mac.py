@@ -20,7 +20,8 @@ Two implementations, tested to agree bit for bit:
   ``acc = sum_j Y_j << shift_j``. This is the same integer as the per-product datapath because
   a shift distributes over integer addition. The sums are exact: the GEMM runs in float32
   only when every partial sum is an integer below 2**24 (float64 below 2**53, int64 otherwise),
-  where floating-point addition of integers is exact in any order.
+  where floating-point addition of integers is exact in any order; in floating point the
+  constant shift ``<< s`` is the scaling by ``2**s`` (an exponent increment, also exact).
 """
 from __future__ import annotations
 
@@ -134,21 +135,22 @@ def _check_range(x_max: int, k: int, decoder: SQDecoder):
 def _accumulate(cols: torch.Tensor, T: torch.Tensor, shifts, dtype, exact_float_sum: bool) -> torch.Tensor:
     """cols (R, K) -> acc (R, O) int64: signed selection sums, then constant shifts, then add.
 
-    ``exact_float_sum``: every partial sum of the shifted terms is an integer below the
-    float type's exact range, so the shifts (``ldexp``: exponent increments) and the final
-    adds stay in ``dtype``; otherwise they run in int64.
+    ``Y = cols @ T`` holds one (R, O) block of signed selection sums per non-zero MUX case.
+    ``exact_float_sum``: every partial sum of the shifted terms is an integer inside the float
+    type's exact range, so the shifts (scaling by 2**s, an exponent increment) and the adds stay
+    in ``dtype``; otherwise they run in int64 with ``<<``.
     """
     y = cols.to(dtype) @ T.to(dtype)  # (R, J*O): exact integers
-    y = y.view(cols.shape[0], len(shifts), -1)  # (R, J, O)
+    o = y.shape[1] // len(shifts)
     if dtype != torch.int64 and exact_float_sum:
-        acc = torch.ldexp(y[:, 0], torch.tensor(float(shifts[0]), dtype=dtype))
+        acc = y[:, :o] * float(2 ** shifts[0])
         for j in range(1, len(shifts)):
-            acc.add_(torch.ldexp(y[:, j], torch.tensor(float(shifts[j]), dtype=dtype)))
+            acc.add_(y[:, j * o:(j + 1) * o], alpha=float(2 ** shifts[j]))
         return acc.to(torch.int64)
     y = y.to(torch.int64)
-    acc = y[:, 0] << shifts[0]
+    acc = y[:, :o] << shifts[0]
     for j in range(1, len(shifts)):
-        acc.add_(y[:, j] << shifts[j])
+        acc.add_(y[:, j * o:(j + 1) * o] << shifts[j])
     return acc
 
 
@@ -163,6 +165,8 @@ def selection_matrices(codes, decoder: SQDecoder):
     the same codes are run many times. ``T`` is (K, J*O) of -1/0/+1, one block per non-zero MUX
     case, ``shifts`` the J constant shifts; codes are (O, ...) and K their per-channel size."""
     c = _check_codes(codes, decoder)
+    if c.ndim == 4:  # conv: patches are channels-last, (kh, kw, C) per row
+        c = c.permute(0, 2, 3, 1)
     return _select_matrices(c.reshape(c.shape[0], -1), decoder)
 
 
@@ -195,18 +199,20 @@ def _pair(v, name):
 
 
 def im2col(x: torch.Tensor, kh: int, kw: int, stride=(1, 1), padding=(0, 0), pad_value: int = 0):
-    """(B, C, H, W) -> (B*Ho*Wo, C*kh*kw) patches (same column order as a conv weight's flatten)."""
+    """(B, C, H, W) -> ``(B*Ho*Wo, kh*kw*C)`` patches, channels-last: row ``(b, i, j)``, column
+    ``(u, v, c)`` holds ``x[b, c, i*sh + u - ph, j*sw + v - pw]`` (``pad_value`` outside)."""
     ph, pw = padding
     if ph or pw:
         x = F.pad(x, (pw, pw, ph, ph), value=pad_value)
-    b, c, h, w = x.shape
+    x = x.permute(0, 2, 3, 1).contiguous()  # (B, H, W, C)
+    b, h, w, c = x.shape
     sh, sw = stride
     ho, wo = (h - kh) // sh + 1, (w - kw) // sw + 1
     if ho < 1 or wo < 1:
         raise ValueError(f"kernel {kh}x{kw} is larger than the padded input {h}x{w}")
-    sb, sc, shh, sww = x.stride()
-    v = x.as_strided((b, ho, wo, c, kh, kw), (sb, shh * sh, sww * sw, sc, shh, sww))
-    return v.reshape(b * ho * wo, c * kh * kw), ho, wo
+    sb, shh, sww, sc = x.stride()
+    v = x.as_strided((b, ho, wo, kh, kw, c), (sb, shh * sh, sww * sw, shh, sww, sc))
+    return v.reshape(b * ho * wo, kh * kw * c), ho, wo
 
 
 def mac_conv2d(x_int, codes, decoder: SQDecoder, stride=1, padding=0, pad_value: int = 0,
@@ -233,7 +239,7 @@ def mac_conv2d(x_int, codes, decoder: SQDecoder, stride=1, padding=0, pad_value:
     k = cin * kh * kw
     x_max = max(int(x.max()) if x.numel() else 0, int(pad_value))
     _check_range(x_max, k, decoder)
-    T, shifts = selection if selection is not None else _select_matrices(c.reshape(o, k), decoder)
+    T, shifts = selection if selection is not None else selection_matrices(c, decoder)
     dtype, exact = _pick_dtype(engine, x.device, k, x_max, decoder)
     xd = x.to(dtype)
     b = x.shape[0]
@@ -243,7 +249,7 @@ def mac_conv2d(x_int, codes, decoder: SQDecoder, stride=1, padding=0, pad_value:
     for start in range(0, b, chunk):
         cols, ho, wo = im2col(xd[start:start + chunk], kh, kw, stride, padding, int(pad_value))
         if shifts:
-            acc = _accumulate(cols, T, shifts, dtype, exact)
+            acc = _accumulate(cols, T, shifts, dtype, exact)  # (R, O)
         else:
             acc = torch.zeros(cols.shape[0], o, dtype=torch.int64)
         outs.append(acc.view(-1, ho, wo, o).permute(0, 3, 1, 2))
