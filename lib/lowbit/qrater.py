@@ -273,34 +273,41 @@ def aciq_coefficient(levels: int, tails: int = 2) -> float:
     return float(c[int(np.argmin(err))])
 
 
-def _kl_threshold(a: np.ndarray, n_quant: int, bins: int) -> float:
-    """TensorRT entropy calibration (Migacz 2017) on the histogram of magnitudes ``a >= 0``."""
+def _kl_threshold(a: np.ndarray, n_quant: int, bins: int, start_bin: int = 128) -> float:
+    """TensorRT entropy calibration (Migacz 2017) on the histogram of magnitudes ``a >= 0``.
+
+    As NVIDIA's ``pytorch_quantization`` (``calib/histogram.py``, ``_compute_amax_entropy``):
+    ``bins`` bins over ``[0, max]``, the first bin replaced by the second (the spike of exact
+    zeros after a ReLU would otherwise dominate), candidate cut-offs ``i = start_bin .. bins``;
+    the reference ``p`` is ``hist[:i]`` with the outliers added to its last bin, the candidate
+    ``q`` merges ``hist[:i]`` into ``n_quant`` bins and spreads each merged count evenly over
+    its non-empty bins; the threshold is ``edges[i]`` of the last ``i`` minimising ``KL(p||q)``.
+    """
     amax = float(a.max())
     hist, edges = np.histogram(a, bins=bins, range=(0.0, amax))
     hist = hist.astype(np.float64)
-    best, best_i = np.inf, bins
-    eps = 1e-4
-    for i in range(n_quant, bins + 1):
-        ref = hist[:i].copy()
-        ref[-1] += hist[i:].sum()  # outliers folded into the last bin
-        nonzero = hist[:i] != 0
-        # quantize hist[:i] into n_quant bins, then expand back over the non-zero bins
-        chunks = np.array_split(np.arange(i), n_quant)
-        qexp = np.zeros(i)
-        for idx in chunks:
-            nz = nonzero[idx]
-            cnt = nz.sum()
-            if cnt:
-                qexp[idx[nz]] = hist[idx].sum() / cnt
-        p = ref / max(ref.sum(), 1e-30)
-        qd = qexp / max(qexp.sum(), 1e-30)
-        # smooth zeros as TensorRT/MXNet do, then KL(p || q)
-        p = np.where(p == 0, eps, p)
-        qd = np.where(qd == 0, eps, qd)
-        kl = float(np.sum(p * np.log(p / qd)))
-        if kl < best:
-            best, best_i = kl, i
-    return float(edges[best_i])
+    hist[0] = hist[1]
+    start = min(start_bin, bins)
+    divergences = []
+    for i in range(start, bins + 1):
+        h = hist[:i]
+        dig = np.digitize(np.arange(i), np.linspace(0, i, n_quant + 1)) - 1  # merged bin of each bin
+        nz = h != 0
+        sums = np.bincount(dig[nz], weights=h[nz], minlength=n_quant)
+        counts = np.bincount(dig[nz], minlength=n_quant)
+        q = np.where(nz, sums[dig] / np.maximum(counts[dig], 1), 0.0)
+        p = h.copy()
+        p[-1] += hist[i:].sum()
+        if q.sum() == 0 or p.sum() == 0:
+            divergences.append(np.inf)
+            continue
+        p, q = p / p.sum(), q / q.sum()
+        m = p > 0
+        with np.errstate(divide="ignore"):
+            divergences.append(float(np.sum(p[m] * np.log(p[m] / q[m]))))
+    divergences = np.asarray(divergences)
+    last_argmin = len(divergences) - 1 - int(np.argmin(divergences[::-1]))
+    return float(edges[start + last_argmin])
 
 
 def baseline_threshold(x, bits: int, rule: str, signed: bool | None = None, *, grid: int = 200,
@@ -311,9 +318,10 @@ def baseline_threshold(x, bits: int, rule: str, signed: bool | None = None, *, g
     fractions of ``max|x|`` minimising ``mean((x - Q_RTN(x))^2)``, Shin et al. / Sung et al.);
     ``"aciq"`` (Banner et al. 2019: ``b`` of a Laplace fit times :func:`aciq_coefficient`; for
     unsigned data ``b`` is the mean of the positive values, an exponential fit);
-    ``"kl"`` (TensorRT-style: the histogram cut-off minimising KL divergence between the
-    clipped histogram and its ``n``-level quantization, ``bins`` bins; ``n = 2^(q-1)``
-    magnitudes signed, ``2^q`` unsigned). ``signed=None`` means ``min(x) < 0``.
+    ``"kl"`` (TensorRT-style entropy calibration as in NVIDIA's pytorch-quantization: the
+    histogram cut-off minimising KL divergence between the clipped histogram and its
+    ``n``-level quantization, ``bins`` bins, cut-offs from bin 128; ``n = 2^(q-1)`` magnitudes
+    signed, ``2^q`` unsigned). ``signed=None`` means ``min(x) < 0``.
     At most ``max_values`` values (a seeded sample) are used. Returns a float ``<= max|x|``.
     """
     q = _check_bits(bits)
@@ -795,7 +803,7 @@ def run(model: nn.Module, w_bits: int | None, a_bits: int | None, calib, search:
                 w_gn = found["params"]["gamma_n"]
                 w_gs = found["params"].get("gamma_s", 0.0)
             state.set_weight(name, weight_at(w_th, w_gn, w_gs))
-            rec.update(w_bits=w_bits, w_gamma_c=w_gc, w_threshold=w_th, w_step=step_size(w_th, w_bits),
+            rec.update(w_bits=w_bits, w_gamma_c=w_gc, w_max=wmax, w_threshold=w_th, w_step=step_size(w_th, w_bits),
                        w_gamma_n=w_gn, w_gamma_s=w_gs)
 
         # ---- input activations: ActQuant(i)
@@ -934,3 +942,52 @@ def incremental_accuracy(model: nn.Module, layers: list[dict], dataset, batch_si
     from .evaluate import accuracy
 
     return [accuracy(apply(model, layers, k, example), dataset, batch_size) for k in range(len(layers) + 1)]
+
+
+# ----------------------------------------------------------------------------- experiments (notebook 05)
+# Table 1 columns: clipping baselines with RTN, and Q-Rater operations (1) round, (2) clip, (3) bias
+TABLE1_VARIANTS = {
+    "MSE": {"ops": (), "clip_rule": "mse"},
+    "ACIQ": {"ops": (), "clip_rule": "aciq"},
+    "KL": {"ops": (), "clip_rule": "kl"},
+    "(1) round": {"ops": ("round",)},
+    "(2) clip": {"ops": ("clip",)},
+    "(3) bias": {"ops": ("bias",)},
+    "(1)+(2)": {"ops": ("clip", "round")},
+    "(1)+(2)+(3)": {"ops": ("clip", "round", "bias")},
+}
+
+
+def experiment(model_name: str, dataset: str, w_bits: int | None, a_bits: int | None, *, per_class: int = 20,
+               test_n: int | None = None, curve: bool = False, seed: int = 0, **run_kwargs) -> dict:
+    """One Q-Rater (or baseline) run on a committed FP checkpoint, as a JSON-able record.
+
+    Loads ``models.load_pretrained(model_name, dataset)``, draws ``per_class`` training images
+    per class as the fixed objective subset (:func:`balanced_subset`), calls :func:`run` with
+    ``run_kwargs`` and measures test accuracy (on the first ``test_n`` test images, all if
+    ``None``) of the FP and the quantized model; ``curve=True`` adds the test accuracy after
+    each incrementally quantized layer (:func:`incremental_accuracy`, Figs. 6-8).
+    """
+    import time
+
+    from .data import load_dataset
+    from .evaluate import accuracy
+    from .models import load_pretrained
+
+    t0 = time.time()
+    model = load_pretrained(model_name, dataset)
+    calib = balanced_subset(load_dataset(dataset, "train"), per_class, seed)
+    test = load_dataset(dataset, "test")
+    if test_n is not None:
+        test = type(test)(test.images[:test_n], test.labels[:test_n], test.name, f"test[:{test_n}]")
+    res = run(model, w_bits, a_bits, calib, seed=seed, **run_kwargs)
+    out = {
+        "model": model_name, "dataset": dataset, "config": res.config, "layers": res.layers,
+        "probes": res.probes, "fp_calib": res.fp_objective, "test_n": len(test),
+        "fp_test_accuracy": accuracy(model, test), "test_accuracy": accuracy(res.model, test),
+        "calib_accuracy": res.layers[-1]["calib_accuracy"] if res.layers else res.fp_objective["accuracy"],
+    }
+    if curve:
+        out["curve"] = incremental_accuracy(model, res.layers, test, example=calib.images[:2])
+    out["seconds"] = time.time() - t0
+    return out
