@@ -129,3 +129,21 @@ def test_quantize_weights_sq_keeps_edges_uniform():
     w = qmodel.conv2.weight.detach()
     assert all(len(torch.unique(w[c].abs())) <= 2 for c in range(w.shape[0]))
 
+
+
+def test_global_scale_losses_bound_fixed_point_losses():
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(3, 20, generator=g, dtype=torch.float64)
+    fixed = lowbit.search_qps(w, 2, 5)
+    glob = lowbit.search.candidate_losses_global(w, 2, 5)
+    assert glob.shape == fixed.losses.shape
+    assert np.all(glob <= fixed.losses * (1 + 1e-12) + 1e-12)
+
+
+def test_search_model_is_cached_with_its_measured_seconds(out_dir):
+    model = lowbit.models.build("lenet5")
+    first = lowbit.search.search_model(model, 2, 1, tag="lenet5-test")
+    again = lowbit.search.search_model(model, 2, 1, tag="lenet5-test")
+    assert [f["layer"] for f in first] == ["conv2", "fc1", "fc2"]
+    assert first == again  # loaded, not recomputed
+    assert list(out_dir.glob("derived/sq_search_model-*.json"))

@@ -192,3 +192,39 @@ def global_optimal_scale(w, points) -> ScaleResult:
     s = float(s_star[best])
     loss = loss_at(a, p, s)
     return ScaleResult(s, loss, int(piece_loss.size), True, [s], [loss])
+
+
+def convergence_record(w, points, tol: float = 1e-5, max_iter: int = 1000) -> dict:
+    """Diagnostics of one run of the iteration, for the convergence study (notebook 02).
+
+    ``iterations``, ``converged``; ``exact_fixed_point`` (the last update left the scale
+    unchanged); ``loss_rises`` (steps where the total loss eq. 9 went up by more than rounding:
+    the majorize-minimize argument says never); ``case3_events`` (weight-steps where a weight
+    moved to another point and its own error grew: the paper's case 3, Fig. 3);
+    ``direction_changes`` (sign changes of the scale updates: oscillation); ``loss`` and
+    ``global_loss`` (:func:`global_optimal_scale`) and their relative ``gap``.
+    """
+    a = np.abs(as_weights(w))
+    p = as_points(points)
+    res = optimal_scale(a, p, tol=tol, max_iter=max_iter)
+    glob = global_optimal_scale(a, p)
+    hist = np.asarray(res.history)
+    case3 = 0
+    prev_q = prev_e = None
+    for s in hist:
+        q = nearest_points(a, p, s)
+        e = np.abs(a - s * q)
+        if prev_q is not None:
+            case3 += int(np.sum((q != prev_q) & (e > prev_e * (1 + 1e-12) + 1e-300)))
+        prev_q, prev_e = q, e
+    steps = np.diff(hist)
+    signs = np.sign(steps[steps != 0])
+    losses = np.asarray(res.losses)
+    rises = int(np.sum(np.diff(losses) > 1e-12 * max(losses[0], 1e-300)))
+    gap = (res.loss - glob.loss) / glob.loss if glob.loss > 0 else 0.0
+    return {"iterations": res.iterations, "converged": res.converged,
+            "exact_fixed_point": bool(res.iterations >= 1 and hist[-1] == hist[-2]) or res.iterations == 0,
+            "loss_rises": rises, "case3_events": case3,
+            "direction_changes": int(np.sum(signs[1:] != signs[:-1])) if signs.size > 1 else 0,
+            "loss": res.loss, "global_loss": glob.loss, "gap": float(gap),
+            "scale": res.scale, "global_scale": glob.scale}
