@@ -322,3 +322,21 @@ def test_shift_sum_in_int64_equals_float_shift_sum():
     c = _accumulate(cols, T, shifts, torch.int64, False)
     assert torch.equal(a, b) and torch.equal(b, c)
     assert torch.equal(c, hw.mac_linear_reference(cols, codes, dec))
+
+
+def test_search_model_qps_feeds_the_integer_network():
+    """Per-layer Algorithm 1 results (a JSON-able mapping) build the same network as the search itself."""
+    torch.manual_seed(1)
+    model = lowbit.models.build("lenet5").eval()
+    qps = network.search_model_qps(model, weight_bits=2, option=5)
+    assert list(qps) == [n for n, _ in network.mac_layers(model)]
+    images = torch.randn(4, 1, 28, 28)
+    hw_a, rep_a = network.to_shift_add(model, images, weight_bits=2, qps_fn=qps)
+    hw_b, rep_b = network.to_shift_add(model, images, weight_bits=2)  # searches again
+    assert [r["points"] for r in rep_a] == [r["points"] for r in rep_b]
+    network.set_mode(hw_a, "int")
+    network.set_mode(hw_b, "int")
+    with torch.no_grad():
+        assert torch.allclose(hw_a(images.double()), hw_b(images.double()), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="no entry"):
+        network.to_shift_add(model, images, weight_bits=2, qps_fn={"conv1": qps["conv1"]})
