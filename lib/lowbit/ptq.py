@@ -545,7 +545,7 @@ def _check_bits_arg(value, name: str, allow_none: bool = False):
 def quantize_model(model: nn.Module, method: str, w_bits: int, a_bits: int | None = None, calib=None,
                    first_last_bits: int = 8, granularity: str = "channel", refine=False, seed: int = 0,
                    calib_size: int | None = None, max_rows: int = 16384, batch_size: int = 256,
-                   universal=5) -> nn.Module:
+                   universal=5, refine_size: int | None = None) -> nn.Module:
     """A new module simulating ``model`` after post-training quantization (API).
 
     * BN folded into the preceding conv (:func:`fold_bn`), then every ``Conv2d``/``Linear``
@@ -560,7 +560,9 @@ def quantize_model(model: nn.Module, method: str, w_bits: int, a_bits: int | Non
       (per-channel scales only) or ``False``.
 
     ``calib``: a DataLoader/Dataset of ``(input, label)`` pairs or a tensor of inputs
-    (needed when ``a_bits`` or ``refine`` is set); ``calib_size`` keeps its first samples.
+    (needed when ``a_bits`` or ``refine`` is set); ``calib_size`` keeps its first samples and
+    ``refine_size`` (default: all) limits the refinement to the first ``refine_size`` of them
+    (activation steps still use all).
     ``seed`` seeds the row subsampling of the refinement; ``universal`` is the SQ universal
     set (option 1..5 of SQ Table 1, default 5). ``model`` is left untouched.
     """
@@ -606,7 +608,7 @@ def quantize_model(model: nn.Module, method: str, w_bits: int, a_bits: int | Non
     if refine:
         qmodel.eval()
         for j, (name, _) in enumerate(quantized_layers(qmodel)):
-            refine_layer(qmodel, name, fp, x_calib, refine, max_rows, seed * 1000 + j, batch_size)
+            refine_layer(qmodel, name, fp, x_calib[:refine_size], refine, max_rows, seed * 1000 + j, batch_size)
     qmodel.quant_config = {"method": method, "w_bits": w_bits, "a_bits": a_bits,
                            "first_last_bits": first_last_bits, "granularity": granularity,
                            "refine": refine or False, "seed": seed,
@@ -648,7 +650,7 @@ def summary(qmodel: nn.Module):
 # ----------------------------------------------------------------------------- experiments
 def run_ptq(model: str, dataset: str, method: str, w_bits: int, a_bits: int | None = None,
             refine=False, seed: int = 0, calib_size: int = 1024, test_size: int | None = None,
-            first_last_bits: int = 8, universal=5, max_rows: int = 16384) -> dict:
+            first_last_bits: int = 8, universal=5, max_rows: int = 16384, refine_size: int | None = None) -> dict:
     """One cell of SQ Tables 2-3: quantize the committed FP ``model``/``dataset`` and test it.
 
     The calibration set is ``calib_size`` training images drawn with ``seed``
@@ -670,7 +672,8 @@ def run_ptq(model: str, dataset: str, method: str, w_bits: int, a_bits: int | No
     calib = (data.calibration_subset(data.load_dataset(dataset, "train"), calib_size, seed)
              if needs_calib else None)
     qmodel = quantize_model(fp, method, w_bits, a_bits=a_bits, calib=calib, first_last_bits=first_last_bits,
-                            refine=refine, seed=seed, max_rows=max_rows, universal=universal)
+                            refine=refine, seed=seed, max_rows=max_rows, universal=universal,
+                            refine_size=refine_size)
     body = [layer.weight_mse() for _, layer in quantized_layers(qmodel) if layer.role == "body"]
     return {"accuracy": evaluate.accuracy(qmodel, test), "fp_accuracy": evaluate.accuracy(fp, test),
             "seconds": time.time() - started, "weight_mse": float(np.mean(body)) if body else 0.0}
@@ -686,3 +689,27 @@ def degradation_cell(fp_accuracy: float, accuracies) -> str:
     if acc.size == 1:
         return f"{drop[0]:.2f} ({acc[0]:.2f})"
     return f"{drop.mean():.2f} \u00b1 {drop.std(ddof=1):.2f} ({acc.mean():.2f})"
+
+
+def cached_run(model: str, dataset: str, method: str, w_bits: int, a_bits: int | None = None, refine=False,
+               seed: int = 0, calib_size: int = 1024, test_size: int | None = None, universal=5,
+               refine_size: int | None = None) -> dict:
+    """:func:`run_ptq` through :func:`lowbit.results.cached` (``data/derived/sq_ptq_run-*.json``).
+
+    Weight-only PTQ without refinement uses no calibration data, so its result does not depend
+    on ``seed``/``calib_size``: they are left out of its cache key (one run serves every seed).
+    """
+    from .results import cached
+
+    uses_calib = a_bits is not None or bool(refine)
+    config = dict(model=model, dataset=dataset, method=method, w_bits=w_bits, a_bits=a_bits,
+                  refine=refine, seed=seed if uses_calib else None, calib_size=calib_size if uses_calib else None,
+                  test_size=test_size, first_last_bits=8, universal=universal if method == "sq" else None,
+                  version=1)
+    if refine and refine_size is not None and refine_size < calib_size:
+        config["refine_size"] = refine_size
+    else:
+        refine_size = None
+    return cached("sq_ptq_run", config, lambda: run_ptq(
+        model, dataset, method, w_bits, a_bits=a_bits, refine=refine, seed=seed, calib_size=calib_size,
+        test_size=test_size, universal=universal, refine_size=refine_size))
