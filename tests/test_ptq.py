@@ -199,8 +199,8 @@ def test_resnet20_w8a8_within_half_a_point_of_fp():
     from lowbit import data, evaluate
 
     test = data.load_dataset("fashion-mnist", "test")
-    test = data.TensorImageDataset(test.images[:2000], test.labels[:2000])
-    calib = data.calibration_subset(data.load_dataset("fashion-mnist", "train"), 256, seed=0)
+    test = data.TensorImageDataset(test.images[:1000], test.labels[:1000])
+    calib = data.calibration_subset(data.load_dataset("fashion-mnist", "train"), 128, seed=0)
     q = lowbit.quantize_model(fp, "uniform", 8, a_bits=8, calib=calib)
     assert abs(evaluate.accuracy(q, test) - evaluate.accuracy(fp, test)) <= 0.5
 
