@@ -33,7 +33,7 @@ reproduce: data ## run every notebook in order with papermill (default profile):
 
 test: data ## unit tests + pytest --nbval-lax over every notebook at the smoke profile
 	@out=$$(mktemp -d); trap 'rm -rf "$$out"' EXIT; \
-	LOWBIT_PROFILE=smoke LOWBIT_OUTPUT_DIR=$$out MPLBACKEND=Agg \
+	LOWBIT_PROFILE=smoke LOWBIT_OUTPUT_DIR=$$out \
 	$(PY) -m pytest tests $(NOTEBOOKS) --nbval-lax --nbval-current-env -q -p no:cacheprovider
 
 bench: setup ## run the benchmarks in bench/ (print tables, write bench/results/*.json)
