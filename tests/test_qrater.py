@@ -7,7 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lowbit import models, qrater
+from lowbit import models, ptq, qrater
+from lowbit.fold_bn import fold_bn
 
 SET = settings(max_examples=40, deadline=None)
 
@@ -187,23 +188,45 @@ def _randomize_bn(model, seed=0):
     return model.eval()
 
 
-def test_fold_batchnorm_keeps_the_function_and_layer_order():
+def test_shared_fold_and_forward_order_walk():
+    # Q-Rater uses the shared BN folding and the forward-order layer walk of lowbit.ptq
     torch.manual_seed(0)
     m = _randomize_bn(models.build("resnet20"))
     x = torch.randn(4, 1, 28, 28)
-    folded = qrater.fold_batchnorm(m, x)
+    folded = fold_bn(m)
     assert not any(isinstance(k, torch.nn.BatchNorm2d) for k in folded.modules())
     with torch.no_grad():
         assert torch.allclose(folded(x), m(x), atol=1e-4)
-    order = qrater.quantizable_layers(folded, x)
+    order = [n for n, _ in ptq.quantizable_layers(folded, x)]
     assert len(order) == 20 and order[0] == "conv1" and order[-1] == "fc"
     assert order[1:3] == ["layer1.0.conv1", "layer1.0.conv2"]
-    assert qrater.quantizable_layers(models.build("lenet5"), x) == ["conv1", "conv2", "fc1", "fc2", "fc3"]
+    assert [n for n, _ in ptq.quantizable_layers(models.build("lenet5"), x)] == ["conv1", "conv2", "fc1", "fc2", "fc3"]
+    state = qrater._QuantState(m, x)
+    assert state.order == order
+
+
+class _Reordered(torch.nn.Module):
+    """Layers registered in the opposite order to the one they run in."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = torch.nn.Linear(6, 3)
+        self.body = torch.nn.Linear(4, 6)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.body(x)))
+
+
+def test_quantizable_layers_example_gives_forward_order():
+    m = _Reordered()
+    assert [n for n, _ in ptq.quantizable_layers(m)] == ["head", "body"]  # registration order
+    assert [n for n, _ in ptq.quantizable_layers(m, torch.randn(2, 4))] == ["body", "head"]  # forward order
+    assert qrater._QuantState(m, torch.randn(2, 4)).order == ["body", "head"]
 
 
 def test_prefix_cache_agrees_with_full_forward():
     torch.manual_seed(0)
-    m = qrater.fold_batchnorm(_randomize_bn(models.build("resnet20")), torch.randn(2, 1, 28, 28))
+    m = fold_bn(_randomize_bn(models.build("resnet20")))
     x, y = torch.randn(6, 1, 28, 28), torch.randint(0, 10, (6,))
     runner = qrater._Runner(m, x, y, batch_size=4)
     full = runner.evaluate(use_cache=False)

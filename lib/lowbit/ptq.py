@@ -26,7 +26,7 @@ Output channels decouple, so every channel's scale and rounding are optimised ex
 against these two Gram matrices, which are accumulated once per layer.
 
 Reusable pieces (Q-Rater, :mod:`lowbit.qrater`, builds on them): :func:`fold_bn`,
-:func:`quantizable_layers`, :class:`ActQuantizer`, :func:`attach_activation_quantizers`,
+:func:`quantizable_layers`, :func:`module_calls`, :class:`ActQuantizer`, :func:`attach_activation_quantizers`,
 :func:`calibrate_activations`, :class:`QuantConv2d` / :class:`QuantLinear`,
 :func:`replace_layer`, :func:`calibration_tensor`, :func:`layer_inputs`, :func:`summary`.
 """
@@ -51,15 +51,60 @@ REFINE_MODES = ("scale", "scale+round")
 
 
 # ----------------------------------------------------------------------------- model walking
-def quantizable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """``[(name, module), ...]`` of every ``nn.Conv2d`` / ``nn.Linear`` in registration order.
+def module_calls(model: nn.Module, example: torch.Tensor) -> list[tuple]:
+    """Run ``model(example)`` once; per submodule call ``(name, module, start, end, inputs, output)``.
 
-    For the models here (and torchvision's ResNets) registration order is forward order, so
-    the first entry is the first conv and the last the classifier.
+    ``start``/``end`` are ticks of one counter advanced at every call entry and exit, so
+    ``[start, end]`` spans nest like the calls (used to find forward order and which
+    submodules finish before a layer starts). Listed in order of call *exit*.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, QUANTIZABLE)]
+    events: list = []
+    counter = [0]
+    starts: dict = {}
+    handles = []
+    for name, m in model.named_modules():
+        if m is model:
+            continue
+
+        def pre(mod, inp, name=name):
+            starts.setdefault(name, []).append(counter[0])
+            counter[0] += 1
+
+        def post(mod, inp, out, name=name):
+            events.append((name, mod, starts[name][-1], counter[0], inp, out))
+            counter[0] += 1
+
+        handles += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
+    try:
+        with torch.inference_mode():
+            model(example)
+    finally:
+        for h in handles:
+            h.remove()
+    return events
+
+
+def quantizable_layers(model: nn.Module, example: torch.Tensor | None = None) -> list[tuple[str, nn.Module]]:
+    """``[(name, module), ...]`` of every ``nn.Conv2d`` / ``nn.Linear``.
+
+    Without ``example``: registration order. For the models here (and torchvision's ResNets)
+    that is forward order, so the first entry is the first conv and the last the classifier.
+    With ``example`` (a batch of inputs; two are used): forward (execution) order, found by
+    tracing one pass (:func:`module_calls`), each layer at its first call; layers that the
+    pass does not reach are left out. Q-Rater's layer-by-layer walk (Algorithm 1) uses this.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
+    if example is None:
+        return [(n, m) for n, m in model.named_modules() if isinstance(m, QUANTIZABLE)]
+    seen, order = set(), []
+    for name, mod, *_ in sorted(module_calls(model, example[:2]), key=lambda ev: ev[2]):
+        if isinstance(mod, QUANTIZABLE) and name not in seen:
+            seen.add(name)
+            order.append((name, mod))
+    return order
 
 
 def replace_layer(model: nn.Module, name: str, new: nn.Module) -> None:

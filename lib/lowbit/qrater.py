@@ -54,6 +54,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .fold_bn import fold_bn
+from .ptq import QUANTIZABLE, module_calls, quantizable_layers
+
 OPS = ("clip", "round", "bias")
 SEARCHES = ("grid", "bo")
 CLIP_RULES = ("max", "mse", "aciq", "kl")
@@ -396,74 +399,14 @@ def _best(probes: list[dict]) -> dict:
 
 
 # ----------------------------------------------------------------------------- model plumbing
-# Minimal private helpers (BN folding, layers in forward order, prefix caching). The shared PTQ
-# module (lowbit.ptq, issue 4) was not available when this was written; see the report.
-_QUANTIZABLE = (nn.Conv2d, nn.Linear)
+# BN folding and the forward-order layer walk are the shared PTQ ones (lowbit.fold_bn.fold_bn,
+# lowbit.ptq.quantizable_layers / module_calls); what is Q-Rater-specific is below.
 
 
-def _trace(model: nn.Module, x: torch.Tensor) -> list[tuple]:
-    """Run ``model(x)`` once, recording ``(name, module, start, end, input, output)`` per call."""
-    events: list = []
-    counter = [0]
-    starts: dict = {}
-    handles = []
-    for name, m in model.named_modules():
-        if m is model:
-            continue
-
-        def pre(mod, inp, name=name):
-            starts.setdefault(name, []).append(counter[0])
-            counter[0] += 1
-
-        def post(mod, inp, out, name=name):
-            events.append((name, mod, starts[name][-1], counter[0], inp, out))
-            counter[0] += 1
-
-        handles += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
-    try:
-        with torch.inference_mode():
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
-    return events
-
-
-def fold_batchnorm(model: nn.Module, example: torch.Tensor) -> nn.Module:
-    """A copy of ``model`` (eval mode) with every BatchNorm folded into the conv/linear before it.
-
-    A BN is folded when its input is exactly the output tensor of a conv/linear layer (found by
-    tracing one forward pass on ``example``); ``W <- W * g/sqrt(v+eps)``,
-    ``b <- (b - mu) * g/sqrt(v+eps) + beta``; the BN becomes ``nn.Identity``.
-    """
-    folded = copy.deepcopy(model).eval()
-    events = _trace(folded, example[:2])
-    out_of = {id(ev[5]): ev for ev in events if isinstance(ev[1], _QUANTIZABLE)}
-    names = dict(folded.named_modules())
-    for name, mod, _, _, inp, _ in events:
-        if not isinstance(mod, nn.modules.batchnorm._BatchNorm) or not inp or id(inp[0]) not in out_of:
-            continue
-        layer = out_of[id(inp[0])][1]
-        with torch.no_grad():
-            scale = mod.weight / torch.sqrt(mod.running_var + mod.eps)
-            shape = (-1,) + (1,) * (layer.weight.ndim - 1)
-            layer.weight.mul_(scale.reshape(shape))
-            bias = layer.bias if layer.bias is not None else torch.zeros_like(mod.running_mean)
-            new_bias = (bias - mod.running_mean) * scale + mod.bias
-            layer.bias = nn.Parameter(new_bias.detach().clone())
-        parent_name, _, attr = name.rpartition(".")
-        setattr(names[parent_name] if parent_name else folded, attr, nn.Identity())
-    return folded
-
-
-def quantizable_layers(model: nn.Module, example: torch.Tensor) -> list[str]:
-    """Names of the conv/linear layers of ``model`` in forward (execution) order."""
-    seen, order = set(), []
-    for name, mod, *_ in sorted(_trace(model, example[:2]), key=lambda ev: ev[2]):
-        if isinstance(mod, _QUANTIZABLE) and name not in seen:
-            seen.add(name)
-            order.append(name)
-    return order
+def quantize_weight(w: torch.Tensor, threshold: float, bits: int, gamma_n: float = 0.0, gamma_s: float = 0.0,
+                    order: int = 2) -> torch.Tensor:
+    """Clip ``w`` to ``[-Th_c, Th_c]`` and round it to the signed grid of step ``Th_c / (2^(q-1)-1)`` (eqs. 3-6)."""
+    return round_values(w.clamp(-threshold, threshold), step_size(threshold, bits), bits, gamma_n, gamma_s, order)
 
 
 def quantize_activation(x: torch.Tensor, cfg: dict) -> torch.Tensor:
@@ -477,10 +420,10 @@ class _QuantState:
     """The FP (BN-folded) model, its quantized working copy and per-layer activation configs."""
 
     def __init__(self, model: nn.Module, example: torch.Tensor):
-        self.fp = fold_batchnorm(model, example)
+        self.fp = fold_bn(model)
         self.model = copy.deepcopy(self.fp)
         self.modules = dict(self.model.named_modules())
-        self.order = quantizable_layers(self.model, example)
+        self.order = [name for name, _ in quantizable_layers(self.model, example)]
         self.act: dict[str, dict | None] = {n: None for n in self.order}
         for n in self.order:
             layer = self.modules[n]
@@ -528,7 +471,7 @@ class _Runner:
                         for i in range(0, len(labels), batch_size)]
         self.frozen: dict[str, list] = {}
         self.batch_idx = 0
-        events = _trace(model, images[:2])
+        events = module_calls(model, images[:2])
         calls: dict[str, int] = {}
         for ev in events:
             calls[ev[0]] = calls.get(ev[0], 0) + 1
@@ -747,6 +690,36 @@ def run(model: nn.Module, w_bits: int | None, a_bits: int | None, calib, search:
                        "accuracy": acc, "loss": loss, "target": t})
         return t
 
+    def clip_and_round(name, tag, x_max, baseline, quantize_at, searched, seed0):
+        """WeightQuant(i) / ActQuant(i) of Algorithm 1 for one tensor of layer ``name``.
+
+        Clipping: ``gamma_c`` searched (grid + BO) with RTN at ``Th_c = gamma_c * x_max``, or the
+        ``baseline()`` threshold; then rounding: ``gamma_n`` (x ``gamma_s``) searched at that
+        threshold, or RTN. ``quantize_at(th, gamma_n, gamma_s)`` installs the quantizer; the
+        chosen one is left installed. Returns ``(gamma_c or None, Th_c, gamma_n, gamma_s)``.
+        """
+        if "clip" in ops and searched:
+            def f_clip(gamma_c):
+                quantize_at(min(max(gamma_c, GAMMA_C_BOUNDS[0]), 1.0) * x_max)
+                return measure(name, f"{tag}_clip", {"gamma_c": gamma_c})
+            found = _search(f_clip, {"gamma_c": GAMMA_C_BOUNDS}, [{"gamma_c": g} for g in clip_grid], n_bo,
+                            seed0 + 1, phase)
+            gamma_c = found["params"]["gamma_c"]
+            threshold = gamma_c * x_max
+        else:
+            gamma_c, threshold = None, baseline()
+        gamma_n, gamma_s = 0.0, 0.0
+        if "round" in ops and searched:
+            def f_round(gamma_n, gamma_s=0.0):
+                quantize_at(threshold, gamma_n, gamma_s)
+                return measure(name, f"{tag}_round", {"gamma_n": gamma_n, "gamma_s": gamma_s})
+            bounds, grid_pts = _round_space(order, gamma_n_grid, gamma_s_grid)
+            found = _search(f_round, bounds, grid_pts, n_bo, seed0 + 2, phase)
+            gamma_n = found["params"]["gamma_n"]
+            gamma_s = found["params"].get("gamma_s", 0.0)
+        quantize_at(threshold, gamma_n, gamma_s)
+        return gamma_c, threshold, gamma_n, gamma_s
+
     fp_acc, fp_loss = runner.evaluate(use_cache=False)
     fp_obj = {"accuracy": fp_acc, "loss": fp_loss}
 
@@ -767,8 +740,6 @@ def run(model: nn.Module, w_bits: int | None, a_bits: int | None, calib, search:
         layer_idx = state.order.index(name)
         rec: dict = {"name": name, "index": layer_idx, "order": order}
         layer_seed = int(seed) * 100003 + 17 * layer_idx
-        search_w = "weight" in targets
-        search_a = "activation" in targets
 
         # ---- weights: WeightQuant(i)
         if w_bits is not None:
@@ -777,32 +748,12 @@ def run(model: nn.Module, w_bits: int | None, a_bits: int | None, calib, search:
             if wmax == 0.0:
                 raise ValueError(f"layer {name} has all-zero weights; it cannot be quantized")
 
-            def weight_at(th, gn=0.0, gs=0.0):
-                s = step_size(th, w_bits)
-                return round_values(w_org.clamp(-th, th), s, w_bits, gn, gs, order)
+            def set_weight(th, gn=0.0, gs=0.0):
+                state.set_weight(name, quantize_weight(w_org, th, w_bits, gn, gs, order))
 
-            if "clip" in ops and search_w:
-                def f_wclip(gamma_c):
-                    th = clip_threshold(w_org, min(max(gamma_c, GAMMA_C_BOUNDS[0]), 1.0))
-                    state.set_weight(name, weight_at(th))
-                    return measure(name, "w_clip", {"gamma_c": gamma_c})
-                found = _search(f_wclip, {"gamma_c": GAMMA_C_BOUNDS},
-                                [{"gamma_c": g} for g in clip_grid], n_bo, layer_seed + 1, phase)
-                w_gc = found["params"]["gamma_c"]
-                w_th = clip_threshold(w_org, w_gc)
-            else:
-                w_gc = None
-                w_th = baseline_threshold(w_org, w_bits, clip_rule, signed=True, seed=seed)
-            w_gn, w_gs = 0.0, 0.0
-            if "round" in ops and search_w:
-                def f_wround(gamma_n, gamma_s=0.0):
-                    state.set_weight(name, weight_at(w_th, gamma_n, gamma_s))
-                    return measure(name, "w_round", {"gamma_n": gamma_n, "gamma_s": gamma_s})
-                bounds, grid_pts = _round_space(order, gamma_n_grid, gamma_s_grid)
-                found = _search(f_wround, bounds, grid_pts, n_bo, layer_seed + 2, phase)
-                w_gn = found["params"]["gamma_n"]
-                w_gs = found["params"].get("gamma_s", 0.0)
-            state.set_weight(name, weight_at(w_th, w_gn, w_gs))
+            w_gc, w_th, w_gn, w_gs = clip_and_round(
+                name, "w", wmax, lambda: baseline_threshold(w_org, w_bits, clip_rule, signed=True, seed=seed),
+                set_weight, "weight" in targets, layer_seed)
             rec.update(w_bits=w_bits, w_gamma_c=w_gc, w_max=wmax, w_threshold=w_th, w_step=step_size(w_th, w_bits),
                        w_gamma_n=w_gn, w_gamma_s=w_gs)
 
@@ -816,31 +767,13 @@ def run(model: nn.Module, w_bits: int | None, a_bits: int | None, calib, search:
             if a_max == 0.0:
                 a_max = 1e-8
 
-            def act_cfg(th, gn=0.0, gs=0.0):
-                return {"threshold": th, "step": step_size(th, a_bits, signed), "bits": a_bits,
-                        "gamma_n": gn, "gamma_s": gs, "order": order, "signed": signed}
+            def set_act(th, gn=0.0, gs=0.0):
+                state.act[name] = {"threshold": th, "step": step_size(th, a_bits, signed), "bits": a_bits,
+                                   "gamma_n": gn, "gamma_s": gs, "order": order, "signed": signed}
 
-            if "clip" in ops and search_a:
-                def f_aclip(gamma_c):
-                    state.act[name] = act_cfg(min(max(gamma_c, GAMMA_C_BOUNDS[0]), 1.0) * a_max)
-                    return measure(name, "a_clip", {"gamma_c": gamma_c})
-                found = _search(f_aclip, {"gamma_c": GAMMA_C_BOUNDS},
-                                [{"gamma_c": g} for g in clip_grid], n_bo, layer_seed + 3, phase)
-                a_gc = found["params"]["gamma_c"]
-                a_th = a_gc * a_max
-            else:
-                a_gc = None
-                a_th = baseline_threshold(flat, a_bits, clip_rule, signed=signed, seed=seed)
-            a_gn, a_gs = 0.0, 0.0
-            if "round" in ops and search_a:
-                def f_around(gamma_n, gamma_s=0.0):
-                    state.act[name] = act_cfg(a_th, gamma_n, gamma_s)
-                    return measure(name, "a_round", {"gamma_n": gamma_n, "gamma_s": gamma_s})
-                bounds, grid_pts = _round_space(order, gamma_n_grid, gamma_s_grid)
-                found = _search(f_around, bounds, grid_pts, n_bo, layer_seed + 4, phase)
-                a_gn = found["params"]["gamma_n"]
-                a_gs = found["params"].get("gamma_s", 0.0)
-            state.act[name] = act_cfg(a_th, a_gn, a_gs)
+            a_gc, a_th, a_gn, a_gs = clip_and_round(
+                name, "a", a_max, lambda: baseline_threshold(flat, a_bits, clip_rule, signed=signed, seed=seed),
+                set_act, "activation" in targets, layer_seed + 2)
             rec.update(a_bits=a_bits, a_gamma_c=a_gc, a_threshold=a_th, a_max=a_max, a_signed=signed,
                        a_step=step_size(a_th, a_bits, signed), a_gamma_n=a_gn, a_gamma_s=a_gs)
 
@@ -916,10 +849,8 @@ def apply(model: nn.Module, layers: list[dict], upto: int | None = None, example
         if name not in state.modules:
             raise ValueError(f"layer {name!r} of the settings is not in this model")
         if rec.get("w_bits"):
-            th, b = rec["w_threshold"], rec["w_bits"]
-            w = state.fp_weight(name)
-            state.set_weight(name, round_values(w.clamp(-th, th), step_size(th, b), b, rec["w_gamma_n"],
-                                                rec["w_gamma_s"], rec["order"]))
+            state.set_weight(name, quantize_weight(state.fp_weight(name), rec["w_threshold"], rec["w_bits"],
+                                                   rec["w_gamma_n"], rec["w_gamma_s"], rec["order"]))
         if rec.get("a_bits"):
             state.act[name] = {"threshold": rec["a_threshold"], "step": rec["a_step"], "bits": rec["a_bits"],
                                "gamma_n": rec["a_gamma_n"], "gamma_s": rec["a_gamma_s"],
@@ -930,7 +861,7 @@ def apply(model: nn.Module, layers: list[dict], upto: int | None = None, example
 
 
 def _input_shape(model: nn.Module) -> tuple:
-    first = next(m for m in model.modules() if isinstance(m, _QUANTIZABLE))
+    first = next(m for m in model.modules() if isinstance(m, QUANTIZABLE))
     if isinstance(first, nn.Conv2d):
         return (first.in_channels, 28, 28)
     return (first.in_features,)
@@ -956,6 +887,21 @@ TABLE1_VARIANTS = {
     "(1)+(2)": {"ops": ("clip", "round")},
     "(1)+(2)+(3)": {"ops": ("clip", "round", "bias")},
 }
+
+
+_FP_TEST_ACCURACY: dict = {}  # (model, dataset, test split, checkpoint mtime) -> accuracy, per process
+
+
+def _fp_test_accuracy(model: nn.Module, model_name: str, dataset: str, test) -> float:
+    """FP test accuracy of a committed checkpoint, computed once per process (it is the same for every run)."""
+    from .evaluate import accuracy
+    from .models import checkpoint_path
+
+    path = checkpoint_path(model_name, dataset)
+    key = (model_name, dataset, test.split, len(test), path.stat().st_mtime_ns if path.exists() else None)
+    if key not in _FP_TEST_ACCURACY:
+        _FP_TEST_ACCURACY[key] = accuracy(model, test)
+    return _FP_TEST_ACCURACY[key]
 
 
 def experiment(model_name: str, dataset: str, w_bits: int | None, a_bits: int | None, *, per_class: int = 20,
@@ -984,7 +930,8 @@ def experiment(model_name: str, dataset: str, w_bits: int | None, a_bits: int | 
     out = {
         "model": model_name, "dataset": dataset, "config": res.config, "layers": res.layers,
         "probes": res.probes, "fp_calib": res.fp_objective, "test_n": len(test),
-        "fp_test_accuracy": accuracy(model, test), "test_accuracy": accuracy(res.model, test),
+        "fp_test_accuracy": _fp_test_accuracy(model, model_name, dataset, test),
+        "test_accuracy": accuracy(res.model, test),
         "calib_accuracy": res.layers[-1]["calib_accuracy"] if res.layers else res.fp_objective["accuracy"],
     }
     if curve:
