@@ -34,10 +34,10 @@ BACKENDS = ["torch"] + (["c"] if lowbit.search._c_kernel() is not None else [])
 def assert_agree(w, bits, option, granularity):
     ref = lowbit.search_qps(w, bits, option, granularity, method="reference")
     for backend in BACKENDS[:-1]:
-        other = lowbit.search_qps(w, bits, option, granularity, method="fast", backend=backend)
+        other = lowbit.search_qps(w, bits, option, granularity, method="fast", backend=backend, prune=False)
         assert other.index == ref.index and other.iterations == ref.iterations
         assert np.allclose(other.losses, ref.losses, rtol=1e-9, atol=1e-12 * float(np.sum(w * w)) + 1e-300)
-    fast = lowbit.search_qps(w, bits, option, granularity, method="fast", backend=BACKENDS[-1])
+    fast = lowbit.search_qps(w, bits, option, granularity, method="fast", backend=BACKENDS[-1], prune=False)
     energy = float(np.sum(w * w))
     assert fast.index == ref.index
     assert np.array_equal(fast.points, ref.points)
@@ -46,7 +46,25 @@ def assert_agree(w, bits, option, granularity):
     assert np.allclose(fast.scale, ref.scale, rtol=1e-9)
     assert fast.iterations == ref.iterations
     assert fast.candidates == ref.candidates == lowbit.qps_count(option, bits)
+    if BACKENDS[-1] == "c":
+        assert_pruned_agrees(w, bits, option, granularity, ref)
     return ref, fast
+
+
+def assert_pruned_agrees(w, bits, option, granularity, ref):
+    """Branch and bound over channels: same winner, loss and scale; dropped losses are bounds."""
+    energy = float(np.sum(w * w))
+    pruned = lowbit.search_qps(w, bits, option, granularity, method="fast", backend="c", prune=True)
+    assert pruned.index == ref.index
+    assert np.array_equal(pruned.points, ref.points)
+    assert pruned.loss == pytest.approx(ref.loss, rel=1e-9, abs=1e-12 * energy + 1e-300)
+    assert np.allclose(pruned.scale, ref.scale, rtol=1e-9)
+    exact = np.ones(ref.candidates, bool) if pruned.exact is None else pruned.exact
+    assert np.allclose(pruned.losses[exact], ref.losses[exact], rtol=1e-9, atol=1e-12 * energy + 1e-300)
+    # a dropped candidate's entry is a lower bound of its loss, and above the minimum
+    assert np.all(pruned.losses[~exact] <= ref.losses[~exact] * (1 + 1e-9) + 1e-12 * energy + 1e-300)
+    assert np.all(pruned.losses[~exact] > ref.loss)
+    assert pruned.pairs <= ref.pairs
 
 
 @settings(max_examples=20, deadline=None)
@@ -64,6 +82,42 @@ def test_fast_equals_reference(w, bits_option, granularity):
         allowed = np.concatenate([scales[c] * fast.points, -scales[c] * fast.points, [0.0]])
         assert np.isclose(q[c][:, None], allowed[None, :], rtol=0, atol=1e-12).any(1).all()
     assert fast.loss == pytest.approx(float(np.sum((w - q) ** 2)), rel=1e-12, abs=1e-300)
+
+
+@pytest.mark.skipif("c" not in BACKENDS, reason="no C compiler")
+@settings(max_examples=25, deadline=None)
+@given(layers(), st.sampled_from([(2, 5), (3, 5), (2, 3), (2, 1)]), st.integers(1, 3), st.integers(1, 4),
+       st.booleans())
+def test_pruned_search_equals_reference_when_pruning_is_active(w, bits_option, sample_rows, incumbents, superset):
+    # tiny sample and incumbent counts so that the bound really drops candidates on small layers,
+    # with and without the S_U superset bound of the channels still to come
+    from unittest import mock
+
+    bits, option = bits_option
+    ref = lowbit.search_qps(w, bits, option, "channel", method="reference")
+    with mock.patch.object(lowbit.search, "PRUNE_SAMPLE_ROWS", min(sample_rows, w.shape[0] - 1) or 1), \
+            mock.patch.object(lowbit.search, "PRUNE_INCUMBENTS", incumbents), \
+            mock.patch.object(lowbit.search, "PRUNE_SUPERSET_MIN_CANDIDATES", 1 if superset else 10**12):
+        assert_pruned_agrees(w, bits, option, "channel", ref)
+
+
+@pytest.mark.skipif("c" not in BACKENDS, reason="no C compiler")
+def test_pruning_drops_work_on_a_real_sized_layer():
+    from unittest import mock
+
+    # 64 channels x 72 weights, 3-bit option 4 (C(23, 4) = 8855 QPS): the plain kernel is the oracle
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(64, 8, 3, 3, generator=gen, dtype=torch.float64) * torch.linspace(0.2, 2, 64).view(-1, 1, 1, 1)
+    plain = lowbit.search_qps(w, 3, 4, prune=False)
+    with mock.patch.object(lowbit.search, "PRUNE_SUPERSET_MIN_CANDIDATES", 1):  # superset bound on
+        pruned = lowbit.search_qps(w, 3, 4, prune=True)
+    assert pruned.index == plain.index and pruned.loss == pytest.approx(plain.loss, rel=1e-12)
+    assert np.allclose(pruned.scale, plain.scale, rtol=1e-12)
+    assert pruned.exact is not None and pruned.exact.sum() >= 1 and pruned.exact[pruned.index]
+    assert np.allclose(pruned.losses[pruned.exact], plain.losses[pruned.exact], rtol=1e-12)
+    assert np.all(pruned.losses[~pruned.exact] <= plain.losses[~pruned.exact] * (1 + 1e-12))
+    assert pruned.pairs < 0.6 * plain.pairs  # the bound must actually save work here
+    assert plain.pairs == plain.candidates * 64
 
 
 def test_exact_ties_first_subset_wins():

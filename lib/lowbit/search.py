@@ -55,7 +55,11 @@ class SearchResult:
     error over the tensor (eq. 9); ``candidates``: number of QPS evaluated; ``seconds``: wall
     time; ``index``: position of ``points`` in combinations order; ``losses``: total loss of
     every candidate (combinations order); ``iterations``: eq. 10 updates per (candidate,
-    channel) pair summed; ``not_converged``: pairs that hit ``max_iter``.
+    channel) pair summed over the evaluated pairs; ``not_converged``: pairs that hit
+    ``max_iter``; ``pairs``: (candidate, channel) pairs evaluated (fewer than candidates x
+    channels when ``prune=True`` dropped some); ``exact``: ``None`` when every entry of
+    ``losses`` is the candidate's total, else a boolean mask: ``False`` entries were pruned and
+    hold a lower bound (a partial sum over channels) that exceeds the minimum.
     """
 
     points: np.ndarray
@@ -71,6 +75,8 @@ class SearchResult:
     backend: str = ""
     iterations: int = 0
     not_converged: int = 0
+    pairs: int = 0
+    exact: np.ndarray | None = None
 
     def quantize(self, weight) -> torch.Tensor:
         """The quantized tensor ``sign(w) * scale * p*`` (SQ eq. 3) with this QPS and scale."""
@@ -233,74 +239,112 @@ _C_SOURCE = r"""
 #include <math.h>
 #include <stdint.h>
 
-static int64_t upper_in(const double *a, int64_t lo, int64_t hi, double t) {
-    /* first index in [lo, hi) with a[i] > t, or hi */
-    while (lo < hi) { int64_t mid = lo + (hi - lo) / 2; if (a[mid] <= t) lo = mid + 1; else hi = mid; }
-    return lo;
+static double pair_loss(const double *a, const double *pre, const int32_t *tab, double inv, int64_t nb,
+                        int64_t zr, double er, int64_t n, const double *p, int64_t n_pts, double tol,
+                        int64_t max_iter, double *scale_out, int64_t *it_out, int *conv_out) {
+    /* eqs. 8-10 for one (subset, channel) pair; returns the eq. 9 loss at the final scale */
+    double amax = a[n - 1], pmax = p[n_pts - 1], s, s0, S = 0.0, Q = 0.0;
+    if (amax == 0.0 || pmax == 0.0) { *scale_out = 1.0; *it_out = 0; *conv_out = 1; return er; }
+    s0 = amax / pmax; s = s0;
+    int converged = 0; int64_t it = 0;
+    for (;;) {
+        int64_t prev = 0;
+        S = 0.0; Q = 0.0;
+        for (int64_t j = 0; j < n_pts; j++) {  /* eq. 8 via thresholds, eq. 10 sums */
+            int64_t c = n;
+            if (j + 1 < n_pts) {
+                double lo = s * p[j], hi = s * p[j + 1], t = s * ((p[j + 1] + p[j]) / 2);
+                double eps = 1e-13 * hi;  /* >> the rounding of t, lo, hi and the distances */
+                /* #{a <= t}: start from the bucket table (a guess: every bucket holds ~1/2
+                   magnitude on average), then step to the exact count */
+                double tb = t * inv;
+                c = tab[(tb >= (double)nb) ? nb : (int64_t)tb];
+                while (c > 0 && a[c - 1] > t) c--;  /* only if rounding put t a bucket too high */
+                c += a[c] <= t;  /* a[n] = +inf is a sentinel: no bound checks, no branches */
+                c += a[c] <= t;
+                while (a[c] <= t) c++;
+                /* the reference's argmin decides at the boundary: |a - s p_j| <= |a - s p_j+1|
+                   means point j (ties to the smaller point), whatever rounding did to s m_j.
+                   Magnitudes farther than eps from t cannot be affected by rounding: only
+                   the near ones get the exact test. */
+                if ((c > 0 && a[c - 1] >= t - eps) || a[c] <= t + eps) {
+                    while (c > 0 && !(fabs(a[c - 1] - lo) <= fabs(hi - a[c - 1]))) c--;
+                    while (c < n && fabs(a[c] - lo) <= fabs(hi - a[c])) c++;
+                }
+            }
+            int64_t cnt = c - prev - (j == 0 ? zr : 0);
+            S += p[j] * (pre[c] - pre[prev]);
+            Q += p[j] * p[j] * (double)cnt;
+            prev = c;
+        }
+        if (converged || it >= max_iter) break;
+        if (Q == 0.0) { converged = 1; break; }
+        double s_new = S / Q;
+        it++;
+        double change = fabs(s_new - s) / s0;
+        s = s_new;
+        converged = change <= tol;
+    }
+    double loss = er - 2.0 * s * S + s * s * Q;
+    *scale_out = s; *it_out = it; *conv_out = converged;
+    return loss > 0.0 ? loss : 0.0;
 }
 
-static int64_t count_le(const double *a, int64_t n, int64_t c, double t) {
-    /* #{a <= t} for sorted a, starting from a previous count c (galloping) */
-    if (c < n && a[c] <= t) {
-        int64_t i = c, step = 1;
-        while (i + step < n && a[i + step] <= t) { i += step; step <<= 1; }
-        return upper_in(a, i + 1, (i + step < n) ? i + step : n, t);
-    }
-    if (c > 0 && a[c - 1] > t) {
-        int64_t i = c - 1, step = 1;
-        while (i - step >= 0 && a[i - step] > t) { i -= step; step <<= 1; }
-        return upper_in(a, (i - step + 1 > 0) ? i - step + 1 : 0, i, t);
-    }
-    return c;
-}
-
-void sq_search(const double *a_sorted, const double *prefix, const int64_t *zeros, const double *energy,
-               int64_t n_rows, int64_t n, const double *pts, int64_t k_begin, int64_t k_end, int64_t n_pts,
+void sq_search(const double *a_sorted, const double *prefix, const int32_t *table, const double *inv,
+               int64_t nb, const int64_t *zeros, const double *energy, int64_t n_rows, int64_t n, const double *pts, int64_t k_begin, int64_t k_end, int64_t n_pts,
                double tol, int64_t max_iter, double *losses, double *scales, int64_t *iters, int64_t *not_conv) {
-    int64_t counts[64];
+    /* every pair of subsets [k_begin, k_end) x all channels; losses summed in channel order */
     for (int64_t k = k_begin; k < k_end; k++) { losses[k] = 0.0; iters[k] = 0; not_conv[k] = 0; }
     for (int64_t r = 0; r < n_rows; r++) {  /* channel outer: its magnitudes stay in cache */
-        const double *a = a_sorted + r * n, *pre = prefix + r * (n + 1);
-        double amax = a[n - 1];
+        const double *a = a_sorted + r * (n + 1), *pre = prefix + r * (n + 1);
         for (int64_t k = k_begin; k < k_end; k++) {
-            const double *p = pts + k * n_pts;
-            double pmax = p[n_pts - 1], s, s0, S = 0.0, Q = 0.0;
-            if (amax == 0.0 || pmax == 0.0) { scales[k * n_rows + r] = 1.0; losses[k] += energy[r]; continue; }
-            s0 = amax / pmax; s = s0;
-            int converged = 0; int64_t it = 0;
-            for (;;) {
-                int64_t prev = 0;
-                S = 0.0; Q = 0.0;
-                for (int64_t j = 0; j < n_pts; j++) {  /* eq. 8 via thresholds, eq. 10 sums */
-                    int64_t c = n;
-                    if (j + 1 < n_pts) {
-                        double lo = s * p[j], hi = s * p[j + 1], t = s * ((p[j + 1] + p[j]) / 2);
-                        c = (it == 0) ? upper_in(a, 0, n, t) : count_le(a, n, counts[j], t);
-                        /* the reference's argmin decides at the boundary: |a - s p_j| <= |a - s p_j+1|
-                           means point j (ties to the smaller point), whatever rounding did to s m_j */
-                        while (c > 0 && !(fabs(a[c - 1] - lo) <= fabs(hi - a[c - 1]))) c--;
-                        while (c < n && fabs(a[c] - lo) <= fabs(hi - a[c])) c++;
-                        counts[j] = c;
-                    }
-                    int64_t cnt = c - prev - (j == 0 ? zeros[r] : 0);
-                    S += p[j] * (pre[c] - pre[prev]);
-                    Q += p[j] * p[j] * (double)cnt;
-                    prev = c;
-                }
-                if (converged || it >= max_iter) break;
-                if (Q == 0.0) { converged = 1; break; }
-                double s_new = S / Q;
-                it++;
-                double change = fabs(s_new - s) / s0;
-                s = s_new;
-                converged = change <= tol;
-            }
-            double loss = energy[r] - 2.0 * s * S + s * s * Q;
-            losses[k] += loss > 0.0 ? loss : 0.0;
-            scales[k * n_rows + r] = s;
-            iters[k] += it; not_conv[k] += !converged;
+            int64_t it; int conv;
+            losses[k] += pair_loss(a, pre, table + r * (nb + 1), inv[r], nb, zeros[r], energy[r], n, pts + k * n_pts, n_pts, tol, max_iter,
+                                   &scales[k * n_rows + r], &it, &conv);
+            iters[k] += it; not_conv[k] += !conv;
         }
     }
+}
+
+#define SQ_BLOCK 64
+double sq_search_pruned(const double *a_sorted, const double *prefix, const int32_t *table, const double *inv,
+                        int64_t nb, const int64_t *zeros, const double *energy, const double *rest_lb, int64_t n_rows, int64_t n, const double *pts, int64_t n_pts, const int64_t *ks, int64_t n_ks,
+                        int64_t row_begin, double tol, int64_t max_iter, double limit, double rel, double slack,
+                        double *partial, int8_t *done, int64_t *iters, int64_t *not_conv, int64_t *pairs) {
+    /* Branch and bound over channels: partial[k] (in: the loss over rows [0, row_begin)) grows by
+       one channel's eq. 9 loss at a time; rest_lb[r] is a lower bound of the loss of rows [r, n_rows)
+       that holds for every subset (0, or superset bounds), so once partial[k] + rest_lb[r] > limit
+       the subset cannot be the argmin (nor tie with it) and is dropped. A subset that completes all rows
+       lowers limit to total * (1 + rel) + slack. Subsets go in blocks so each channel's
+       magnitudes are reused from cache across the block. Returns the final limit. */
+    double scale;
+    for (int64_t b = 0; b < n_ks; b += SQ_BLOCK) {
+        int64_t m = (n_ks - b < SQ_BLOCK) ? n_ks - b : SQ_BLOCK, n_alive = 0;
+        int alive[SQ_BLOCK];
+        for (int64_t i = 0; i < m; i++) {
+            alive[i] = partial[ks[b + i]] + rest_lb[row_begin] <= limit; n_alive += alive[i];
+            if (!alive[i]) partial[ks[b + i]] += rest_lb[row_begin];  /* keep a lower bound of the total */
+        }
+        for (int64_t r = row_begin; r < n_rows && n_alive > 0; r++) {
+            const double *a = a_sorted + r * (n + 1), *pre = prefix + r * (n + 1);
+            for (int64_t i = 0; i < m; i++) {
+                if (!alive[i]) continue;
+                int64_t k = ks[b + i], it; int conv;
+                partial[k] += pair_loss(a, pre, table + r * (nb + 1), inv[r], nb, zeros[r], energy[r], n, pts + k * n_pts, n_pts, tol, max_iter,
+                                        &scale, &it, &conv);
+                iters[k] += it; not_conv[k] += !conv; pairs[k] += 1;
+                if (partial[k] + rest_lb[r + 1] > limit) { alive[i] = 0; n_alive--; partial[k] += rest_lb[r + 1]; }
+            }
+        }
+        for (int64_t i = 0; i < m; i++) {
+            if (!alive[i]) continue;
+            int64_t k = ks[b + i];
+            double bound = partial[k] * (1.0 + rel) + slack;
+            done[k] = 1;
+            if (bound < limit) limit = bound;
+        }
+    }
+    return limit;
 }
 """
 _C_LIB = None
@@ -323,7 +367,7 @@ def _c_kernel():
     if not cc:
         _C_LIB = False
         return None
-    tag = hashlib.sha256(_C_SOURCE.encode()).hexdigest()[:16]
+    tag = hashlib.sha256((_C_SOURCE + "|O3 march=native fp-contract=off").encode()).hexdigest()[:16]
     folder = Path(os.environ.get("LOWBIT_KERNEL_DIR", Path(tempfile.gettempdir()) / f"lowbit-kernels-{os.getuid()}"))
     lib = folder / f"sq_search_{tag}.so"
     try:
@@ -332,8 +376,12 @@ def _c_kernel():
             src = folder / f"sq_search_{tag}.{os.getpid()}.c"
             src.write_text(_C_SOURCE)
             tmp = folder / f".sq_search_{tag}.{os.getpid()}.so"
-            subprocess.run([cc, "-O3", "-std=c99", "-fPIC", "-shared", "-ffp-contract=off", "-fno-fast-math",
-                            str(src), "-o", str(tmp), "-lm"], check=True, capture_output=True, timeout=120)
+            base = [cc, "-O3", "-std=c99", "-fPIC", "-shared", "-ffp-contract=off", "-fno-fast-math"]
+            try:  # this CPU's instruction set (no FMA contraction: -ffp-contract=off), else portable
+                subprocess.run(base + ["-march=native", str(src), "-o", str(tmp), "-lm"], check=True,
+                               capture_output=True, timeout=120)
+            except subprocess.SubprocessError:
+                subprocess.run(base + [str(src), "-o", str(tmp), "-lm"], check=True, capture_output=True, timeout=120)
             os.replace(tmp, lib)
             src.unlink(missing_ok=True)
         dll = ctypes.CDLL(str(lib))
@@ -341,39 +389,72 @@ def _c_kernel():
         _C_LIB = False
         return None
     dp, ip, i64, f64 = ctypes.POINTER(ctypes.c_double), ctypes.POINTER(ctypes.c_int64), ctypes.c_int64, ctypes.c_double
-    dll.sq_search.argtypes = [dp, dp, ip, dp, i64, i64, dp, i64, i64, i64, f64, i64, dp, dp, ip, ip]
+    i32p = ctypes.POINTER(ctypes.c_int32)
+    dll.sq_search.argtypes = [dp, dp, i32p, dp, i64, ip, dp, i64, i64, dp, i64, i64, i64, f64, i64, dp, dp, ip, ip]
     dll.sq_search.restype = None
+    i8p = ctypes.POINTER(ctypes.c_int8)
+    dll.sq_search_pruned.argtypes = [dp, dp, i32p, dp, i64, ip, dp, dp, i64, i64, dp, i64, ip, i64, i64, f64, i64,
+                                     f64, f64, f64, dp, i8p, ip, ip, ip]
+    dll.sq_search_pruned.restype = f64
     _C_LIB = dll
     return dll
 
 
-def _fast_c(rows: np.ndarray, qps: np.ndarray, tol: float, max_iter: int, threads: int):
-    """:func:`_fast` in the compiled kernel: same sums, same thresholds, same stopping rule."""
+def _c_prepare(rows: np.ndarray):
+    """The kernel's per-row inputs: sorted magnitudes, prefix sums, a bucket table (``table[r, b]``
+    = #magnitudes below ``b * amax / nb``, ``inv[r] = nb / amax``: a starting guess for each
+    threshold count, corrected exactly in the kernel), zero counts and energies."""
+    a_sorted = np.ascontiguousarray(np.sort(np.abs(rows), axis=1))
+    n_rows, n = a_sorted.shape
+    prefix = np.ascontiguousarray(np.concatenate([np.zeros((n_rows, 1)), np.cumsum(a_sorted, axis=1)], axis=1))
+    nb = 4 * n
+    amax = a_sorted[:, -1]
+    inv = np.ascontiguousarray(np.where(amax > 0, nb / np.where(amax > 0, amax, 1.0), 0.0))
+    edges = np.arange(nb + 1) / nb
+    table = np.empty((n_rows, nb + 1), dtype=np.int32)
+    for r in range(n_rows):
+        table[r] = np.searchsorted(a_sorted[r], edges * amax[r], side="left")
+    zeros = np.ascontiguousarray((a_sorted == 0).sum(1).astype(np.int64))
+    energy = np.ascontiguousarray((a_sorted * a_sorted).sum(1))
+    padded = np.ascontiguousarray(np.concatenate([a_sorted, np.full((n_rows, 1), np.inf)], axis=1))  # sentinel
+    return padded, prefix, table, inv, nb, zeros, energy
+
+
+def _ptr(x, ctype=None):
+    import ctypes
+
+    return x.ctypes.data_as(ctypes.POINTER(ctype or ctypes.c_double))
+
+
+def _check_kernel_points(qps: np.ndarray) -> np.ndarray:
+    pts = np.ascontiguousarray(qps, dtype=np.float64)
+    if pts.shape[1] > 65:
+        raise ValueError("the compiled kernel supports at most 65 points per QPS (bits <= 7): use backend='torch'")
+    return pts
+
+
+def _c_all(prep, qps: np.ndarray, tol: float, max_iter: int, threads: int):
+    """Every (subset, channel) pair in the kernel: per-subset losses (summed in row order),
+    scales (K, C), eq. 10 updates and non-converged pairs per subset."""
     import ctypes
     from concurrent.futures import ThreadPoolExecutor
 
     dll = _c_kernel()
-    a_sorted = np.ascontiguousarray(np.sort(np.abs(rows), axis=1))
-    n_rows, n = a_sorted.shape
-    prefix = np.ascontiguousarray(np.concatenate([np.zeros((n_rows, 1)), np.cumsum(a_sorted, axis=1)], axis=1))
-    zeros = np.ascontiguousarray((a_sorted == 0).sum(1).astype(np.int64))
-    energy = np.ascontiguousarray((a_sorted * a_sorted).sum(1))
-    pts = np.ascontiguousarray(qps, dtype=np.float64)
+    a_sorted, prefix, table, inv, nb, zeros, energy = prep
+    n_rows, n = a_sorted.shape[0], a_sorted.shape[1] - 1
+    pts = _check_kernel_points(qps)
     n_cand, n_pts = pts.shape
-    if n_pts > 65:
-        raise ValueError("the compiled kernel supports at most 65 points per QPS (bits <= 7): use backend='torch'")
     losses = np.zeros(n_cand)
     scales = np.zeros((n_cand, n_rows))
     iters = np.zeros(n_cand, dtype=np.int64)
     not_conv = np.zeros(n_cand, dtype=np.int64)
-
-    def ptr(x, ctype=ctypes.c_double):
-        return x.ctypes.data_as(ctypes.POINTER(ctype))
+    i64 = ctypes.c_int64
 
     def run(bounds):
-        dll.sq_search(ptr(a_sorted), ptr(prefix), ptr(zeros, ctypes.c_int64), ptr(energy), n_rows, n, ptr(pts),
-                      bounds[0], bounds[1], n_pts, float(tol), int(max_iter), ptr(losses), ptr(scales),
-                      ptr(iters, ctypes.c_int64), ptr(not_conv, ctypes.c_int64))
+        dll.sq_search(_ptr(a_sorted), _ptr(prefix), _ptr(table, ctypes.c_int32), _ptr(inv), nb, _ptr(zeros, i64),
+                      _ptr(energy), n_rows, n, _ptr(pts),
+                      bounds[0], bounds[1], n_pts, float(tol), int(max_iter), _ptr(losses), _ptr(scales),
+                      _ptr(iters, i64), _ptr(not_conv, i64))
 
     n_chunks = max(1, min(n_cand, 8 * threads))
     edges = np.linspace(0, n_cand, n_chunks + 1).astype(int)
@@ -384,12 +465,127 @@ def _fast_c(rows: np.ndarray, qps: np.ndarray, tol: float, max_iter: int, thread
     else:
         with ThreadPoolExecutor(threads) as pool:
             list(pool.map(run, chunks))
-    return losses, scales, int(iters.sum()), int(not_conv.sum())
+    return losses, scales, iters, not_conv
+
+
+def _fast_c(rows: np.ndarray, qps: np.ndarray, tol: float, max_iter: int, threads: int):
+    """:func:`_fast` in the compiled kernel: same sums, same thresholds, same stopping rule."""
+    losses, scales, iters, not_conv = _c_all(_c_prepare(rows), qps, tol, max_iter, threads)
+    return losses, scales, int(iters.sum()), int(not_conv.sum()), qps.shape[0] * rows.shape[0], None
+
+
+PRUNE_SAMPLE_ROWS = 8  # channels every subset is evaluated on before pruning starts
+PRUNE_INCUMBENTS = 16  # best subsets on that sample, evaluated in full to set the first bound
+PRUNE_REL = 1e-9  # bound margin: far above float summation-order effects (~1e-13), far below real gaps
+
+
+PRUNE_SUPERSET_MIN_CANDIDATES = 100_000  # below this the superset bounds cost more than they save
+
+
+def _rest_lower_bounds(a_sorted: np.ndarray, energy: np.ndarray, universal_points, n_cand: int) -> np.ndarray:
+    """``out[r]`` = a lower bound, valid for every subset, of the summed loss of rows ``r..C-1``.
+
+    Every QPS is a subset of S_U, so for any scale a weight's distance to ``scale * QPS`` is at
+    least its distance to ``scale * S_U``: the fixed-point loss of any subset on a channel is
+    >= the global minimum over scales of the loss with all of S_U
+    (:func:`lowbit.scale.global_optimal_scale`). A relative 1e-9 and an absolute 1e-12 of the
+    channel's energy are taken off for rounding. Zeros when there are too few candidates for
+    the bound to pay for itself (``PRUNE_SUPERSET_MIN_CANDIDATES``)."""
+    from .scale import global_optimal_scale
+
+    n_rows = a_sorted.shape[0]
+    out = np.zeros(n_rows + 1)
+    if n_cand < PRUNE_SUPERSET_MIN_CANDIDATES:
+        return out
+    lb = np.array([global_optimal_scale(a_sorted[r], universal_points).loss for r in range(n_rows)])
+    lb = np.maximum(lb * (1 - 1e-9) - 1e-12 * energy, 0.0)
+    out[:-1] = np.cumsum(lb[::-1])[::-1]
+    return out
+
+
+def _fast_c_pruned(rows: np.ndarray, qps: np.ndarray, tol: float, max_iter: int, threads: int,
+                   universal_points: np.ndarray | None = None):
+    """:func:`_fast_c` with exact branch and bound over channels (``prune=True``).
+
+    Every per-channel loss (eq. 9 at the fixed point) is >= 0, so the partial sum of a subset's
+    loss over some channels is a lower bound of its total. Channels are visited in decreasing
+    energy; every subset is first evaluated on the ``PRUNE_SAMPLE_ROWS`` largest channels, the
+    ``PRUNE_INCUMBENTS`` best of them in full, and then every other subset (best sample first,
+    chunks on ``threads`` threads) is dropped as soon as its partial sum exceeds
+    ``best_total * (1 + PRUNE_REL) + TIE_RTOL * energy`` (plus, with ``universal_points`` and
+    many candidates, a lower bound of the channels still to come: :func:`_rest_lower_bounds`).
+    No subset within the tie tolerance of
+    the minimum can be dropped, so the survivors contain the argmin and its ties; they are
+    re-evaluated in plain channel order (exactly what :func:`_fast_c` computes) and selected with
+    the same rule. Dropped subsets keep a lower bound of their loss in ``losses`` (partial sum
+    plus the bound of the channels not visited), which exceeds the minimum.
+    """
+    import ctypes
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    n_rows = rows.shape[0]
+    n_cand = qps.shape[0]
+    if n_rows <= PRUNE_SAMPLE_ROWS or n_cand <= PRUNE_INCUMBENTS:
+        return _fast_c(rows, qps, tol, max_iter, threads)
+    dll = _c_kernel()
+    pts = _check_kernel_points(qps)
+    n_pts = pts.shape[1]
+    order_rows = np.argsort(-(rows * rows).sum(1), kind="stable")
+    prep = _c_prepare(rows[order_rows])
+    a_sorted, prefix, table, inv, nb, zeros, energy = prep
+    n = a_sorted.shape[1] - 1
+    energy_total = float(np.sum(rows * rows))
+    slack = TIE_RTOL * energy_total
+    # 1. every subset on the largest channels
+    m = PRUNE_SAMPLE_ROWS
+    sample = tuple(x if isinstance(x, int) else np.ascontiguousarray(x[:m]) for x in prep)
+    partial, _, iters, not_conv = _c_all(sample, pts, tol, max_iter, threads)
+    pairs = np.full(n_cand, m, dtype=np.int64)
+    done = np.zeros(n_cand, dtype=np.int8)
+    i64, i8 = ctypes.c_int64, ctypes.c_int8
+    rest_lb = _rest_lower_bounds(a_sorted[:, :-1], energy, universal_points, len(pts)) if universal_points is not None \
+        else np.zeros(n_rows + 1)
+    order = np.argsort(partial, kind="stable").astype(np.int64)
+    lock = threading.Lock()
+    state = {"limit": float("inf")}
+
+    def run(ks):
+        ks = np.ascontiguousarray(ks)
+        with lock:
+            limit = state["limit"]
+        limit = dll.sq_search_pruned(_ptr(a_sorted), _ptr(prefix), _ptr(table, ctypes.c_int32), _ptr(inv), nb,
+                                     _ptr(zeros, i64), _ptr(energy), _ptr(rest_lb), n_rows, n,
+                                     _ptr(pts), n_pts, _ptr(ks, i64), len(ks), m, float(tol), int(max_iter),
+                                     limit, PRUNE_REL, slack, _ptr(partial), _ptr(done, i8), _ptr(iters, i64),
+                                     _ptr(not_conv, i64), _ptr(pairs, i64))
+        with lock:
+            state["limit"] = min(state["limit"], limit)
+
+    # 2. the incumbents in full, 3. every other subset against the bound
+    run(order[:PRUNE_INCUMBENTS])
+    rest = order[PRUNE_INCUMBENTS:]
+    chunks = [c for c in np.array_split(rest, max(1, min(len(rest), 32 * threads))) if len(c)]
+    if threads <= 1:
+        for c in chunks:
+            run(c)
+    else:
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(run, chunks))
+    # 4. survivors (the argmin and anything that might tie with it), in plain channel order
+    survivors = np.flatnonzero((done == 1) & (partial <= state["limit"]))
+    surv_losses, surv_scales, _, _ = _c_all(_c_prepare(rows), pts[survivors], tol, max_iter, threads)
+    losses = partial.copy()
+    losses[survivors] = surv_losses
+    exact = np.zeros(n_cand, dtype=bool)
+    exact[survivors] = True
+    scales = {int(k): surv_scales[i] for i, k in enumerate(survivors)}
+    return losses, scales, int(iters.sum()), int(not_conv.sum()), int(pairs.sum()), exact
 
 
 def search_qps(weight, bits: int, universal=5, granularity: str = "channel", method: str = "fast",
                tol: float = 1e-5, max_iter: int = 1000, device=None, backend: str = "auto",
-               threads: int | None = None, chunk_queries: int = 1 << 22) -> SearchResult:
+               threads: int | None = None, chunk_queries: int = 1 << 22, prune: bool = True) -> SearchResult:
     """The QPS (N-subset of S_U) with the smallest L2 weight-quantization error (API).
 
     SQ Algorithm 1. ``weight``: torch tensor or numpy array, output channels on dim 0;
@@ -400,7 +596,10 @@ def search_qps(weight, bits: int, universal=5, granularity: str = "channel", met
     (:func:`lowbit.scale.optimal_scale`). Fast only: ``backend`` ``"torch"`` (vectorized,
     on ``device``, default CUDA when available), ``"c"`` (compiled kernel on ``threads`` CPU
     threads, default torch's thread count) or ``"auto"`` (torch on CUDA, else the kernel when
-    a C compiler exists, else torch on CPU).
+    a C compiler exists, else torch on CPU). ``prune`` (kernel only): exact branch and bound
+    over channels (:func:`_fast_c_pruned`): same QPS, scale and loss, but ``losses`` of dropped
+    candidates are lower bounds (see ``exact``) and ``iterations`` count evaluated pairs only;
+    pass ``prune=False`` for every candidate's total (e.g. a census of the iteration).
     """
     started = time.perf_counter()
     if granularity not in GRANULARITIES:
@@ -413,11 +612,15 @@ def search_qps(weight, bits: int, universal=5, granularity: str = "channel", met
     s_u = universal_set(universal)
     qps = s_u[qps_indices(universal, bits)]  # (K, N)
     energy = float(np.sum(rows * rows))
+    exact = None
     if method == "reference":
         losses, scales, iterations, not_converged = _reference(rows, qps, tol, max_iter)
+        pairs = qps.shape[0] * rows.shape[0]
     else:
         if backend not in ("auto", "torch", "c"):
             raise ValueError(f"unknown backend {backend!r}: use 'auto', 'torch' or 'c'")
+        if not isinstance(prune, bool):
+            raise TypeError(f"prune must be True or False, got {prune!r}")
         if device is None:
             device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         device = torch.device(device)
@@ -426,10 +629,15 @@ def search_qps(weight, bits: int, universal=5, granularity: str = "channel", met
         if backend == "c":
             if _c_kernel() is None:
                 raise RuntimeError("backend='c' needs a C compiler (cc/gcc, or $CC): use backend='torch'")
-            losses, scales, iterations, not_converged = _fast_c(rows, qps, tol, max_iter,
-                                                                threads or torch.get_num_threads())
+            n_threads = threads or torch.get_num_threads()
+            if prune:
+                out = _fast_c_pruned(rows, qps, tol, max_iter, n_threads, universal_points=s_u)
+            else:
+                out = _fast_c(rows, qps, tol, max_iter, n_threads)
+            losses, scales, iterations, not_converged, pairs, exact = out
         else:
             losses, scales, iterations, not_converged = _fast(rows, qps, tol, max_iter, device, chunk_queries)
+            pairs = qps.shape[0] * rows.shape[0]
     best = _select(losses, energy)
     points = qps[best].copy()
     scale = scales[best].copy()
@@ -439,7 +647,8 @@ def search_qps(weight, bits: int, universal=5, granularity: str = "channel", met
                         loss=loss, candidates=int(qps.shape[0]), seconds=time.perf_counter() - started,
                         index=best, losses=losses, bits=int(bits), granularity=granularity, method=method,
                         backend="" if method == "reference" else backend,
-                        iterations=int(iterations), not_converged=int(not_converged))
+                        iterations=int(iterations), not_converged=int(not_converged), pairs=int(pairs),
+                        exact=exact)
 
 
 def uniform_points(bits: int) -> np.ndarray:
