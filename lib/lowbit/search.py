@@ -669,8 +669,9 @@ def search_model(model: torch.nn.Module, bits: int, universal=5, tag: str | None
     """:func:`search_qps` (channel granularity, fast) on every conv/linear weight of ``model``.
 
     Returns one dict per layer: ``layer``, ``shape``, ``points``, ``scale`` (per channel),
-    ``loss``, ``energy`` (sum w^2), ``candidates``, ``seconds``, ``mean_iterations``,
-    ``not_converged``. The first and last layers are skipped by default (the paper keeps them
+    ``loss``, ``energy`` (sum w^2), ``candidates``, ``seconds`` (wall), ``cpu_seconds`` (this
+    process, all threads: comparable on a shared machine), ``threads``, ``pairs_evaluated``
+    (after pruning), ``mean_iterations`` (per evaluated pair), ``not_converged``. The first and last layers are skipped by default (the paper keeps them
     at 8 bits). With ``tag`` (e.g. ``"resnet20-fashion-mnist"``) the result is cached in
     ``data/derived/sq_search_model-*.json`` keyed by the tag, bits, option and a hash of the
     weights, so the measured ``seconds`` are those of the run that computed it.
@@ -692,17 +693,19 @@ def search_model(model: torch.nn.Module, bits: int, universal=5, tag: str | None
         out = []
         for name, m in layers:
             w = m.weight.detach().to("cpu", torch.float64)
+            cpu0 = time.process_time()
             res = search_qps(w, bits, universal=universal)
             out.append({"layer": name, "shape": list(w.shape), "points": res.points.tolist(),
                         "scale": np.asarray(res.scale).tolist(), "loss": res.loss, "energy": float((w * w).sum()),
-                        "candidates": res.candidates, "seconds": res.seconds, "backend": res.backend,
-                        "mean_iterations": res.iterations / (res.candidates * w.shape[0]),
-                        "not_converged": res.not_converged})
+                        "candidates": res.candidates, "seconds": res.seconds,
+                        "cpu_seconds": time.process_time() - cpu0, "threads": torch.get_num_threads(),
+                        "backend": res.backend, "pairs_evaluated": res.pairs,
+                        "mean_iterations": res.iterations / res.pairs, "not_converged": res.not_converged})
         return out
 
     if tag is None:
         return compute()
-    config = {"tag": tag, "bits": int(bits), "universal": option, "weights_sha256": digest.hexdigest(),
+    config = {"record": 2, "tag": tag, "bits": int(bits), "universal": option, "weights_sha256": digest.hexdigest(),
               "skip_first_last": skip_first_last, "granularity": "channel", "tol": 1e-5, "max_iter": 1000}
     return cached("sq_search_model", config, compute)
 
