@@ -13,6 +13,11 @@ values), every conv layer except the first, 4 bits, channel granularity.
     run stops after that many seconds and *projects* the rest from the measured seconds per
     (candidate, channel) pair; the JSON says which layers were measured and which projected.
 
+The fast search is the default ``search_qps`` (compiled kernel with the exact branch and bound
+over channels, ``prune=True``); ``pairs_evaluated`` per layer says how many (QPS, channel)
+pairs it actually ran. (b) also times the plain kernel (``prune=False``) for the ratio of the
+pruning alone on one large layer.
+
 Run: ``.venv/bin/python bench/qps_search.py`` (``make bench``); writes bench/results/qps_search.json.
 """
 from __future__ import annotations
@@ -65,12 +70,13 @@ def run_fast(layers, option: int, bits: int, budget: float | None, threads: int)
         cpu = cpu_seconds() - cpu0
         spent += res.seconds
         rows.append({"layer": name, "shape": list(w.shape), "pairs": pairs, "seconds": res.seconds, "cpu_seconds": cpu, "measured": True,
-                     "points": res.points.tolist(), "mean_iterations": res.iterations / pairs,
+                     "points": res.points.tolist(), "pairs_evaluated": res.pairs,
+                     "mean_iterations": res.iterations / res.pairs,
                      "not_converged": res.not_converged, "backend": res.backend})
         measured = [r for r in rows if r["measured"]]
         per_pair = sum(r["seconds"] for r in measured) / sum(r["pairs"] for r in measured)
         print(f"  option {option} {name:28s} {str(tuple(w.shape)):18s} {res.seconds:8.2f} s (cpu {cpu:8.2f} s)  "
-              f"iterations/pair {res.iterations / pairs:5.1f}", flush=True)
+              f"pairs evaluated {res.pairs / pairs:5.1%}  iterations/pair {res.iterations / res.pairs:5.1f}", flush=True)
     return rows
 
 
@@ -78,7 +84,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--budget-a", type=float, default=None, help="seconds for (a) before projecting (default: none)")
-    ap.add_argument("--budget-c", type=float, default=600.0, help="seconds for (c) before projecting")
+    ap.add_argument("--budget-c", type=float, default=None, help="seconds for (c) before projecting (default: none)")
     ap.add_argument("--ref-channels", type=int, default=8, help="output channels of the small layer for (b)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "qps_search.json"))
@@ -104,6 +110,15 @@ def main(argv=None):
           f"fast (torch) {torch_b.seconds:.2f} s; ratio reference/fast {ref_b.seconds / fast_b.seconds:.0f}x; "
           f"same QPS {same}, relative loss difference {rel:.1e}")
 
+    # (b') the pruning alone: plain kernel vs branch and bound on one large layer
+    name_p, w_p = next((n, w) for n, w in layers if n == "layer3.1.conv1")
+    plain_p = search_qps(w_p, args.bits, 5, method="fast", threads=args.threads, prune=False)
+    pruned_p = search_qps(w_p, args.bits, 5, method="fast", threads=args.threads, prune=True)
+    same_p = bool(plain_p.index == pruned_p.index and abs(plain_p.loss - pruned_p.loss) <= 1e-9 * plain_p.loss)
+    print(f"(b') {name_p}: plain kernel {plain_p.seconds:.2f} s, branch and bound {pruned_p.seconds:.2f} s "
+          f"({pruned_p.pairs / plain_p.pairs:.1%} of the pairs), ratio {plain_p.seconds / pruned_p.seconds:.2f}x, "
+          f"same QPS and loss {same_p}")
+
     print(f"(c) fast search, option 4, {args.bits}-bit ({qps_count(4, args.bits)} QPS), budget {args.budget_c} s")
     rows_c = run_fast(layers, 4, args.bits, args.budget_c, args.threads)
     total_c = sum(r["seconds"] for r in rows_c)
@@ -124,6 +139,9 @@ def main(argv=None):
                                 "ratio_reference_over_fast_torch": ref_b.seconds / torch_b.seconds,
                                 "same_qps": same, "relative_loss_difference": rel,
                                 "points": ref_b.points.tolist()},
+        "b_prime_pruning": {"layer": name_p, "shape": list(w_p.shape), "plain_seconds": plain_p.seconds,
+                            "pruned_seconds": pruned_p.seconds, "ratio": plain_p.seconds / pruned_p.seconds,
+                            "pairs_plain": plain_p.pairs, "pairs_pruned": pruned_p.pairs, "same_qps_and_loss": same_p},
         "c_fast_option4": {"seconds": total_c, "all_measured": measured_c, "target_seconds": 1800,
                            "paper": "40 h", "budget_seconds": args.budget_c, "layers": rows_c},
         "wall_seconds": time.time() - started,
@@ -135,6 +153,8 @@ def main(argv=None):
     print(f"| (a) | fast, option 5, all {len(layers)} layers | {total_a:.1f} | <= 60 |")
     print(f"| (b) | reference / fast on {name_b}[:{args.ref_channels}] | {ref_b.seconds:.1f} / "
           f"{fast_b.seconds:.3f} = {ref_b.seconds / fast_b.seconds:.0f}x, same QPS: {same} | - |")
+    print(f"| (b') | plain / branch and bound on {name_p} | {plain_p.seconds:.1f} / {pruned_p.seconds:.1f} = "
+          f"{plain_p.seconds / pruned_p.seconds:.2f}x, same QPS: {same_p} | - |")
     print(f"| (c) | fast, option 4, all layers ({'measured' if measured_c else 'partly projected'}) | "
           f"{total_c:.1f} | <= 1800 |")
     print(f"wrote {out}")
