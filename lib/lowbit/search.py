@@ -433,11 +433,22 @@ def _check_kernel_points(qps: np.ndarray) -> np.ndarray:
     return pts
 
 
+def _run_chunks(run, chunks, threads: int) -> None:
+    """``run(chunk)`` for every chunk, on ``threads`` threads (ctypes calls release the GIL)."""
+    if threads <= 1:
+        for c in chunks:
+            run(c)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(run, chunks))
+
+
 def _c_all(prep, qps: np.ndarray, tol: float, max_iter: int, threads: int):
     """Every (subset, channel) pair in the kernel: per-subset losses (summed in row order),
     scales (K, C), eq. 10 updates and non-converged pairs per subset."""
     import ctypes
-    from concurrent.futures import ThreadPoolExecutor
 
     dll = _c_kernel()
     a_sorted, prefix, table, inv, nb, zeros, energy = prep
@@ -459,12 +470,7 @@ def _c_all(prep, qps: np.ndarray, tol: float, max_iter: int, threads: int):
     n_chunks = max(1, min(n_cand, 8 * threads))
     edges = np.linspace(0, n_cand, n_chunks + 1).astype(int)
     chunks = [(int(edges[i]), int(edges[i + 1])) for i in range(n_chunks) if edges[i + 1] > edges[i]]
-    if threads <= 1:
-        for b in chunks:
-            run(b)
-    else:
-        with ThreadPoolExecutor(threads) as pool:
-            list(pool.map(run, chunks))
+    _run_chunks(run, chunks, threads)
     return losses, scales, iters, not_conv
 
 
@@ -522,7 +528,6 @@ def _fast_c_pruned(rows: np.ndarray, qps: np.ndarray, tol: float, max_iter: int,
     """
     import ctypes
     import threading
-    from concurrent.futures import ThreadPoolExecutor
 
     n_rows = rows.shape[0]
     n_cand = qps.shape[0]
@@ -566,12 +571,7 @@ def _fast_c_pruned(rows: np.ndarray, qps: np.ndarray, tol: float, max_iter: int,
     run(order[:PRUNE_INCUMBENTS])
     rest = order[PRUNE_INCUMBENTS:]
     chunks = [c for c in np.array_split(rest, max(1, min(len(rest), 32 * threads))) if len(c)]
-    if threads <= 1:
-        for c in chunks:
-            run(c)
-    else:
-        with ThreadPoolExecutor(threads) as pool:
-            list(pool.map(run, chunks))
+    _run_chunks(run, chunks, threads)
     # 4. survivors (the argmin and anything that might tie with it), in plain channel order
     survivors = np.flatnonzero((done == 1) & (partial <= state["limit"]))
     surv_losses, surv_scales, _, _ = _c_all(_c_prepare(rows), pts[survivors], tol, max_iter, threads)
