@@ -220,3 +220,66 @@ def test_resnet20_w8a8_within_half_a_point_of_fp():
 def test_bad_arguments_raise_valueerror(lenet, kwargs, match):
     with pytest.raises(ValueError, match=match):
         lowbit.quantize_model(lenet, **kwargs)
+
+
+# ----------------------------------------------------------------------------- fast paths vs references
+@pytest.mark.parametrize("conv", [
+    nn.Conv2d(3, 4, 3, padding=1),
+    nn.Conv2d(3, 4, 3, stride=2, padding=1, bias=False),
+    nn.Conv2d(3, 4, (3, 2), stride=(2, 1), padding=(2, 0), dilation=(1, 2)),
+    nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"),
+    nn.Conv2d(3, 4, 1),
+])
+def test_rows_at_gathers_the_same_rows_as_im2col(conv):
+    x = torch.randn(5, 3, 9, 8, generator=torch.Generator().manual_seed(2))
+    full = ptq._rows(conv, x)
+    assert ptq._n_rows(conv, x) == len(full)
+    idx = torch.randperm(len(full), generator=torch.Generator().manual_seed(3))[:57]
+    assert torch.equal(ptq._rows_at(conv, x, idx), full[idx])
+    fc, xf = nn.Linear(6, 2), torch.randn(4, 6)
+    assert torch.equal(ptq._rows_at(fc, xf, torch.tensor([3, 0, 2])), ptq._rows(fc, xf)[[3, 0, 2]])
+
+
+def test_gram_fast_path_equals_reference(resnet20):
+    x = torch.randn(40, 1, 28, 28, generator=torch.Generator().manual_seed(4))
+    q = lowbit.quantize_model(resnet20, "uniform", 3, a_bits=4, calib=x)
+    fp = ptq.fold_bn(resnet20)
+    names = [n for n, _ in ptq.quantized_layers(q)]
+    store = ptq.all_layer_inputs(fp, names, x, batch_size=16)
+    assert ptq.all_layer_inputs(fp, names, x, batch_size=16, max_bytes=1000) is None  # over budget
+    for j, name in enumerate(names[:3] + names[-2:]):
+        ql, fl = q.get_submodule(name), fp.get_submodule(name)
+        ref = ptq._gram_reference(q, ql, fp, fl, x, 3000, j, 16)  # subsamples rows of every conv
+        for inputs in (store[name], None):
+            fast = ptq._gram(q, ql, fp, fl, x, 3000, j, 16, inputs)
+            assert torch.equal(fast[0], ref[0]) and torch.equal(fast[1], ref[1]) and fast[2] == ref[2]
+
+
+def test_act_quantize_in_place_equals_reference():
+    aq = ptq.ActQuantizer(3)
+    x = torch.randn(1000, generator=torch.Generator().manual_seed(5)).abs() * 3
+    for step in (0.1, 0.37, torch.tensor(0.05)):
+        assert torch.equal(aq.quantize(x, step), aq.quantize_reference(x, step))
+    xg = x.clone().requires_grad_(True)
+    aq.quantize(xg, 0.2).sum().backward()  # autograd path (no in-place ops) still works
+    assert xg.grad is not None
+
+
+def test_prime_sq_fits_gives_the_same_quantizer_as_fit_quantizer(lenet):
+    ptq._FIT_CACHE.clear()
+    fresh = lowbit.quantize_model(lenet, "sq", 2, universal=1)
+    ptq._FIT_CACHE.clear()
+    assert ptq.prime_sq_fits(lenet, 2, universal=1, tag=None) == 3  # conv2, fc1, fc2
+    primed = lowbit.quantize_model(lenet, "sq", 2, universal=1)
+    for (name, a), (_, b) in zip(ptq.quantized_layers(fresh), ptq.quantized_layers(primed)):
+        assert np.array_equal(a.quantizer.points, b.quantizer.points), name
+        assert torch.equal(torch.as_tensor(a.quantizer.scale), torch.as_tensor(b.quantizer.scale)), name
+        assert torch.equal(a.weight, b.weight), name
+    ptq._FIT_CACHE.clear()
+
+
+def test_refine_is_deterministic_for_a_seed(lenet):
+    x = torch.randn(64, 1, 28, 28, generator=torch.Generator().manual_seed(7))
+    a = lowbit.quantize_model(lenet, "uniform", 3, a_bits=4, calib=x, refine=True, seed=2, max_rows=500)
+    b = lowbit.quantize_model(lenet, "uniform", 3, a_bits=4, calib=x, refine=True, seed=2, max_rows=500)
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))

@@ -19,6 +19,13 @@ SQ paper (001_ab6a87911af615e3.txt), sec. 4.1-4.2 and supplement (000_...txt) se
   AdaRound/BRECQ). The same procedure serves every method, so ``"uniform"`` + refine is
   the AdaRound/BRECQ-like uniform baseline SQ compares with.
 
+Fast paths, each with the plain reference it is tested to equal exactly (``tests/test_ptq.py``):
+the FP network's layer inputs are captured in one pass (:func:`all_layer_inputs`) instead of one
+pass per layer; sub-sampled im2col rows are gathered directly (:func:`_rows_at` vs :func:`_rows`,
+:func:`_gram` vs :func:`_gram_reference`); activation fake-quantization runs in place
+(:meth:`ActQuantizer.quantize` vs ``quantize_reference``); SQ's per-layer searches are read from
+the ``sq_search_model`` cache (:func:`prime_sq_fits`).
+
 The per-layer objective, for output channel ``c`` with FP weight row ``w`` and quantized
 row ``q``, inputs ``X_q`` (quantized network) and ``X`` (FP network), unfolded to rows:
 ``||X_q q - X w||^2 = q^T G q - 2 q^T C w + const`` with ``G = X_q^T X_q``, ``C = X_q^T X``.
@@ -183,7 +190,15 @@ class ActQuantizer(nn.Module):
         return 0, 2 ** self.bits - 1
 
     def quantize(self, x: torch.Tensor, step) -> torch.Tensor:
-        """``clamp(round(x / step), lo, hi) * step``."""
+        """``clamp(round(x / step), lo, hi) * step`` (in place on one temporary: same values,
+        a quarter of the memory traffic; :meth:`quantize_reference` is the plain form)."""
+        if torch.is_grad_enabled() and (x.requires_grad or getattr(step, "requires_grad", False)):
+            return self.quantize_reference(x, step)  # autograd: no in-place ops
+        lo, hi = self.levels
+        return torch.div(x, step).round_().clamp_(lo, hi).mul_(step)
+
+    def quantize_reference(self, x: torch.Tensor, step) -> torch.Tensor:
+        """Plain reference of :meth:`quantize`."""
         lo, hi = self.levels
         return torch.clamp(torch.round(x / step), lo, hi) * step
 
@@ -376,11 +391,15 @@ _FIT_CACHE: "OrderedDict[tuple, FittedQuantizer]" = OrderedDict()
 _FIT_CACHE_SIZE = 512
 
 
+def _fit_key(weight: torch.Tensor, method: str, bits: int, granularity: str, universal=5) -> tuple:
+    w = weight.detach().cpu().contiguous()
+    return (hashlib.sha256(w.numpy().tobytes()).hexdigest(), tuple(w.shape), str(w.dtype),
+            method, int(bits), granularity, repr(universal) if method == "sq" else None)
+
+
 def _fit_cached(weight: torch.Tensor, method: str, bits: int, granularity: str, universal=5) -> FittedQuantizer:
     """:func:`fit_quantizer` memoised on the weight's bytes (an SQ search is the slow part)."""
-    w = weight.detach().cpu().contiguous()
-    key = (hashlib.sha256(w.numpy().tobytes()).hexdigest(), tuple(w.shape), str(w.dtype),
-           method, int(bits), granularity, repr(universal) if method == "sq" else None)
+    key = _fit_key(weight, method, bits, granularity, universal)
     if key in _FIT_CACHE:
         _FIT_CACHE.move_to_end(key)
         return copy.deepcopy(_FIT_CACHE[key])
@@ -441,9 +460,114 @@ def _rows(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
+def _n_rows(layer: nn.Module, x: torch.Tensor) -> int:
+    """Number of rows :func:`_rows` would return for ``x`` (without building them)."""
+    if isinstance(layer, nn.Conv2d):
+        ho, wo = _conv_out_hw(layer, x)
+        return x.shape[0] * ho * wo
+    return x.numel() // x.shape[-1]
+
+
+def _conv_out_hw(layer: nn.Conv2d, x: torch.Tensor) -> tuple[int, int]:
+    pl, pr, pt, pb = layer._reversed_padding_repeated_twice
+    (kh, kw), (sh, sw), (dh, dw) = layer.kernel_size, layer.stride, layer.dilation
+    ho = (x.shape[-2] + pt + pb - dh * (kh - 1) - 1) // sh + 1
+    wo = (x.shape[-1] + pl + pr - dw * (kw - 1) - 1) // sw + 1
+    return ho, wo
+
+
+def _rows_at(layer: nn.Module, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``_rows(layer, x)[idx]`` gathered directly (no full im2col): the same values, exactly.
+
+    For a conv, row ``r`` is the receptive field of output pixel ``r % L`` of image ``r // L``
+    (``L`` output pixels per image), flattened channel-major like ``F.unfold``.
+    """
+    if not isinstance(layer, nn.Conv2d):
+        return x.reshape(-1, x.shape[-1])[idx]
+    mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
+    xp = F.pad(x, layer._reversed_padding_repeated_twice, mode=mode)  # (B, Cin, Hp, Wp)
+    hp, wp = xp.shape[-2:]
+    pixels = xp.permute(0, 2, 3, 1).reshape(-1, xp.shape[1])  # (B * Hp * Wp, Cin), one copy
+    ho, wo = _conv_out_hw(layer, x)
+    (kh, kw), (sh, sw), (dh, dw) = layer.kernel_size, layer.stride, layer.dilation
+    idx = idx.to(x.device)
+    b, pix = idx // (ho * wo), idx % (ho * wo)
+    top = b * hp * wp + (pix // wo) * sh * wp + (pix % wo) * sw  # (R,) flat pixel of each window corner
+    taps = [pixels.index_select(0, top + i * dh * wp + j * dw) for i in range(kh) for j in range(kw)]
+    patches = torch.stack(taps, dim=2)  # (R, Cin, kh * kw): channel-major like F.unfold
+    return patches.reshape(len(idx), -1)  # (R, Cin * kh * kw)
+
+
+class _Budget(Exception):
+    pass
+
+
 @torch.no_grad()
-def _gram(qmodel, qlayer, fp_model, fp_layer, x, max_rows: int, seed: int, batch_size: int):
-    """``G = X_q^T X_q`` and ``C = X_q^T X_fp`` (float64) over (subsampled) input rows."""
+def all_layer_inputs(model: nn.Module, names, x: torch.Tensor, batch_size: int = 256,
+                     max_bytes: int = 1 << 30) -> dict | None:
+    """``{name: [input batch, ...]}`` for the layers ``names`` of ``model``, in one pass over ``x``.
+
+    The same tensors :func:`layer_inputs` yields layer by layer (no ``act_in`` here: meant for
+    the FP model), so that the refinement runs the FP network once instead of once per layer.
+    Returns ``None`` when they would take more than ``max_bytes`` (then use :func:`layer_inputs`).
+    """
+    store = {n: [] for n in names}
+    used = [0]
+
+    def hook_for(name):
+        def hook(mod, args):
+            used[0] += args[0].numel() * args[0].element_size()
+            if used[0] > max_bytes:
+                raise _Budget
+            store[name].append(args[0].clone())
+        return hook
+
+    handles = [model.get_submodule(n).register_forward_pre_hook(hook_for(n)) for n in names]
+    dev = _device(model)
+    try:
+        for xb in _batches(x, batch_size):
+            model(xb.to(dev))
+    except _Budget:
+        return None
+    finally:
+        for h in handles:
+            h.remove()
+    n_batches = max(1, -(-len(x) // batch_size))
+    if any(len(v) != n_batches for v in store.values()):
+        return None  # a layer called zero or several times per pass: fall back
+    return store
+
+
+@torch.no_grad()
+def _gram(qmodel, qlayer, fp_model, fp_layer, x, max_rows: int, seed: int, batch_size: int, fp_inputs=None):
+    """``G = X_q^T X_q`` and ``C = X_q^T X_fp`` (float64) over (subsampled) input rows.
+
+    ``fp_inputs``: the FP layer's input batches if already captured (:func:`all_layer_inputs`);
+    rows are subsampled by gathering them (:func:`_rows_at`), same rows as ``_rows(..)[idx]``.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    n_batches = max(1, -(-len(x) // batch_size))
+    per_batch = max(1, max_rows // n_batches)
+    g = c = None
+    rows_used = 0
+    fp_iter = iter(fp_inputs) if fp_inputs is not None else layer_inputs(fp_model, fp_layer, x, batch_size)
+    for xq, xf in zip(layer_inputs(qmodel, qlayer, x, batch_size), fp_iter):
+        n = _n_rows(qlayer, xq)
+        if n > per_batch:
+            idx = torch.randperm(n, generator=gen)[:per_batch]
+            rq, rf = _rows_at(qlayer, xq, idx), _rows_at(fp_layer, xf, idx)
+        else:
+            rq, rf = _rows(qlayer, xq), _rows(fp_layer, xf)
+        gb, cb = (rq.T @ rq).double(), (rq.T @ rf).double()  # float32 products, float64 sums
+        g = gb if g is None else g + gb
+        c = cb if c is None else c + cb
+        rows_used += len(rq)
+    return g / rows_used, c / rows_used, rows_used
+
+
+@torch.no_grad()
+def _gram_reference(qmodel, qlayer, fp_model, fp_layer, x, max_rows: int, seed: int, batch_size: int):
+    """Plain reference of :func:`_gram`: full im2col of both inputs, then subsample the rows."""
     gen = torch.Generator().manual_seed(seed)
     n_batches = max(1, -(-len(x) // batch_size))
     per_batch = max(1, max_rows // n_batches)
@@ -454,7 +578,7 @@ def _gram(qmodel, qlayer, fp_model, fp_layer, x, max_rows: int, seed: int, batch
         if len(rq) > per_batch:
             idx = torch.randperm(len(rq), generator=gen)[:per_batch].to(rq.device)
             rq, rf = rq[idx], rf[idx]
-        gb, cb = (rq.T @ rq).double(), (rq.T @ rf).double()  # float32 products, float64 sums
+        gb, cb = (rq.T @ rq).double(), (rq.T @ rf).double()
         g = gb if g is None else g + gb
         c = cb if c is None else c + cb
         rows_used += len(rq)
@@ -527,11 +651,12 @@ def refine_rounding(w: torch.Tensor, points, scale: torch.Tensor, g: torch.Tenso
 @torch.no_grad()
 def refine_layer(qmodel: nn.Module, name: str, fp_model: nn.Module, x: torch.Tensor,
                  mode: str = "scale+round", max_rows: int = 16384, seed: int = 0,
-                 batch_size: int = 256) -> dict:
+                 batch_size: int = 256, fp_inputs=None) -> dict:
     """SQ's final optimisation for one quantized layer ``name`` of ``qmodel`` (in place).
 
     Inputs come from ``qmodel`` (earlier layers already quantized), targets from the FP
-    folded ``fp_model``. Returns ``{"loss_drop", "rows", "mode"}``: how much the summed
+    folded ``fp_model`` (or ``fp_inputs``, the FP layer's input batches from
+    :func:`all_layer_inputs`). Returns ``{"loss_drop", "rows", "mode"}``: how much the summed
     per-channel output reconstruction error (mean over the ``rows`` input rows) went down.
     """
     if mode not in REFINE_MODES:
@@ -540,7 +665,7 @@ def refine_layer(qmodel: nn.Module, name: str, fp_model: nn.Module, x: torch.Ten
     fp_layer = fp_model.get_submodule(name)
     if isinstance(layer, nn.Conv2d) and layer.groups != 1:
         return {"skipped": "grouped convolution"}
-    g, c, rows = _gram(qmodel, layer, fp_model, fp_layer, x, max_rows, seed, batch_size)
+    g, c, rows = _gram(qmodel, layer, fp_model, fp_layer, x, max_rows, seed, batch_size, fp_inputs)
     w = layer.weight_fp.double().reshape(layer.weight_fp.shape[0], -1)  # (C, K)
     fq = layer.quantizer
     points = np.asarray(fq.points, dtype=np.float64)
@@ -652,8 +777,12 @@ def quantize_model(model: nn.Module, method: str, w_bits: int, a_bits: int | Non
         calibrate_activations(qmodel, x_calib, batch_size)
     if refine:
         qmodel.eval()
-        for j, (name, _) in enumerate(quantized_layers(qmodel)):
-            refine_layer(qmodel, name, fp, x_calib[:refine_size], refine, max_rows, seed * 1000 + j, batch_size)
+        names = [name for name, _ in quantized_layers(qmodel)]
+        x_refine = x_calib[:refine_size]
+        fp_inputs = all_layer_inputs(fp, names, x_refine, batch_size)  # one FP pass (None: too big)
+        for j, name in enumerate(names):
+            refine_layer(qmodel, name, fp, x_refine, refine, max_rows, seed * 1000 + j, batch_size,
+                         None if fp_inputs is None else fp_inputs.pop(name))
     qmodel.quant_config = {"method": method, "w_bits": w_bits, "a_bits": a_bits,
                            "first_last_bits": first_last_bits, "granularity": granularity,
                            "refine": refine or False, "seed": seed,
@@ -700,8 +829,9 @@ def run_ptq(model: str, dataset: str, method: str, w_bits: int, a_bits: int | No
 
     The calibration set is ``calib_size`` training images drawn with ``seed``
     (:func:`lowbit.data.calibration_subset`); accuracy is top-1 % on the first ``test_size``
-    test images (all by default). Returns ``{"accuracy", "fp_accuracy", "seconds",
-    "weight_mse"}`` (mean weight MSE over the body layers) -- JSON-able, for
+    test images (all by default). Returns ``{"accuracy", "fp_accuracy", "seconds", "threads",
+    "weight_mse"}`` (compute wall time and torch threads; mean weight MSE over the body layers)
+    -- JSON-able, for
     :func:`lowbit.results.cached`.
     """
     import time
@@ -716,12 +846,48 @@ def run_ptq(model: str, dataset: str, method: str, w_bits: int, a_bits: int | No
     needs_calib = a_bits is not None or bool(refine)
     calib = (data.calibration_subset(data.load_dataset(dataset, "train"), calib_size, seed)
              if needs_calib else None)
+    if method == "sq":  # reuse (or store) the per-layer searches in data/derived/sq_search_model-*.json
+        prime_sq_fits(fp, w_bits, universal, tag=f"{model}-{dataset}")
     qmodel = quantize_model(fp, method, w_bits, a_bits=a_bits, calib=calib, first_last_bits=first_last_bits,
                             refine=refine, seed=seed, max_rows=max_rows, universal=universal,
                             refine_size=refine_size)
     body = [layer.weight_mse() for _, layer in quantized_layers(qmodel) if layer.role == "body"]
-    return {"accuracy": evaluate.accuracy(qmodel, test), "fp_accuracy": evaluate.accuracy(fp, test),
-            "seconds": time.time() - started, "weight_mse": float(np.mean(body)) if body else 0.0}
+    fp_key = (model, dataset, len(test))  # the FP model's accuracy: evaluated once per process
+    if fp_key not in _FP_ACCURACY:
+        _FP_ACCURACY[fp_key] = evaluate.accuracy(fp, test)
+    return {"accuracy": evaluate.accuracy(qmodel, test), "fp_accuracy": _FP_ACCURACY[fp_key],
+            "seconds": time.time() - started, "threads": torch.get_num_threads(),
+            "weight_mse": float(np.mean(body)) if body else 0.0}
+
+
+_FP_ACCURACY: dict = {}
+
+
+def prime_sq_fits(model: nn.Module, bits: int, universal=5, tag: str | None = None) -> int:
+    """Put the SQ fits of ``model``'s body layers into :func:`quantize_model`'s memo.
+
+    The per-layer QPS searches (SQ Algorithm 1) come from :func:`lowbit.search.search_model`,
+    which, with a ``tag``, caches them in ``data/derived/sq_search_model-*.json`` keyed by a hash
+    of the weights (so notebook 01's searches serve notebook 03, and an option-4 search runs
+    once). The BN-folded weights are searched, exactly what :func:`fit_quantizer` would do:
+    same QPS, same scales. Returns the number of layers primed.
+    """
+    from .search import search_model
+
+    folded = fold_bn(model)
+    layers = quantizable_layers(folded)[1:-1]  # the body: first and last stay uniform
+    if not layers:
+        return 0
+    found = search_model(folded, bits, universal=universal, tag=tag, skip_first_last=True)
+    by_name = {r["layer"]: r for r in found}
+    for name, layer in layers:
+        r = by_name[name]
+        scale = torch.as_tensor(np.asarray(r["scale"], dtype=np.float64)).reshape(-1)
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        fq = FittedQuantizer("sq", int(bits), np.sort(np.asarray(r["points"], dtype=np.float64)), scale, "channel",
+                             {"universal": universal, "search_loss": float(r["loss"])})
+        _FIT_CACHE[_fit_key(layer.weight, "sq", bits, "channel", universal)] = fq
+    return len(layers)
 
 
 def degradation_cell(fp_accuracy: float, accuracies) -> str:
