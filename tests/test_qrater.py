@@ -322,3 +322,19 @@ def test_run_bo_is_seeded_and_validates():
         qrater.run(m, 3, 3, calib, gamma_n_grid=[-2.0, 0.0])
     with pytest.raises(ValueError):
         qrater.run(m, 3, 3, calib, clip_grid=[0.0, 0.5])
+
+
+def test_incremental_accuracy_counts_are_a_subset_of_the_full_curve():
+    from lowbit.data import TensorImageDataset
+
+    m, (x, y) = _tiny_problem()
+    res = qrater.run(m, 2, 2, (x, y), search="grid", ops=("round",), layers=[1, 2, 3],
+                     gamma_n_grid=[-0.5, 0.0, 0.5], gamma_s_grid=[0.0])
+    data = TensorImageDataset(x, y, "tiny", "test")
+    full = qrater.incremental_accuracy(m, res.layers, data, example=x[:2])
+    assert len(full) == len(res.layers) + 1
+    assert qrater.incremental_accuracy(m, res.layers, data, example=x[:2], counts=[0, 2, 3]) == [full[0], full[2],
+                                                                                                   full[3]]
+    assert full[0] == 100.0  # labels are the FP model's predictions
+    with pytest.raises(ValueError):
+        qrater.incremental_accuracy(m, res.layers, data, counts=[4])

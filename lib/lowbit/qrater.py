@@ -868,11 +868,40 @@ def _input_shape(model: nn.Module) -> tuple:
 
 
 def incremental_accuracy(model: nn.Module, layers: list[dict], dataset, batch_size: int = 1000,
-                         example: torch.Tensor | None = None) -> list[float]:
-    """Test accuracy after quantizing layers ``1..k`` for ``k = 0..len(layers)`` (Figs. 6-8)."""
+                         example: torch.Tensor | None = None, counts=None) -> list[float]:
+    """Test accuracy after quantizing layers ``1..k`` for ``k = 0..len(layers)`` (Figs. 6-8),
+    or only for the layer counts ``k`` in ``counts`` (a coarser curve for a deep model)."""
     from .evaluate import accuracy
 
-    return [accuracy(apply(model, layers, k, example), dataset, batch_size) for k in range(len(layers) + 1)]
+    counts = range(len(layers) + 1) if counts is None else counts
+    for k in counts:
+        if not isinstance(k, (int, np.integer)) or not 0 <= k <= len(layers):
+            raise ValueError(f"layer counts must be ints in [0, {len(layers)}], got {k!r}")
+    return [accuracy(apply(model, layers, int(k), example), dataset, batch_size) for k in counts]
+
+
+def experiment_curve(model_name: str, dataset: str, layers: list[dict], *, test_n: int | None = None,
+                     counts=None) -> dict:
+    """The Figs. 6-8 curve of a finished :func:`experiment` from its ``layers`` records alone.
+
+    Replays the recorded settings with :func:`apply` (no search is re-run), so a cached run
+    recorded without ``curve=True`` gets its curve later, on the first ``test_n`` test images
+    and at the layer counts ``counts`` (all of ``0..len(layers)`` if ``None``). Returns
+    ``{"counts": [...], "accuracy": [...], "test_n": n, "seconds": s}``.
+    """
+    import time
+
+    from .data import load_dataset
+    from .models import load_pretrained
+
+    t0 = time.time()
+    model = load_pretrained(model_name, dataset)
+    test = load_dataset(dataset, "test")
+    if test_n is not None:
+        test = type(test)(test.images[:test_n], test.labels[:test_n], test.name, f"test[:{test_n}]")
+    counts = list(range(len(layers) + 1)) if counts is None else [int(k) for k in counts]
+    acc = incremental_accuracy(model, layers, test, example=test.images[:2], counts=counts)
+    return {"counts": counts, "accuracy": acc, "test_n": len(test), "seconds": time.time() - t0}
 
 
 # ----------------------------------------------------------------------------- experiments (notebook 05)
