@@ -19,8 +19,10 @@ Two implementations that must agree (``tests/test_search.py``):
   and eq. 10's sums are prefix-sum differences. Two backends compute it:
   ``backend="torch"`` vectorizes all (subset, channel) pairs (``searchsorted``; converged
   pairs drop out; CUDA when available) and ``backend="c"`` runs a small compiled C kernel
-  that follows each pair with galloping counts (the default on CPU: ~20-30x faster than the
-  torch path there, because the iteration takes 18-50 small steps per pair).
+  that follows each pair on its own, starting each threshold count from a per-channel bucket
+  table (the default on CPU: much faster than the torch path there, because the iteration
+  takes 18-50 small steps per pair). On the kernel, ``prune=True`` adds an exact branch and
+  bound over channels (:func:`_fast_c_pruned`).
   Ties: the threshold counts are corrected with the reference's own float distance test, so
   a magnitude on an exact (or rounding-shifted) tie gets the same point as the argmin.
 
@@ -230,10 +232,10 @@ def _fast(rows: np.ndarray, qps: np.ndarray, tol: float, max_iter: int, device, 
 # --- compiled kernel: the same iteration, one (subset, channel) pair at a time --------------
 # Plain C99 (no fast-math, no FMA contraction, so every operation rounds as numpy's does),
 # compiled once with the system C compiler into a per-user cache and called through ctypes
-# (which releases the GIL, so chunks of subsets run on several threads). Counts move from
-# the previous iteration's by galloping search, so a small change of scale costs a few
-# comparisons instead of a full search; the elements next to each threshold are then checked
-# with the reference's own distance comparison, so floating-point ties resolve identically.
+# (which releases the GIL, so chunks of subsets run on several threads). Each threshold count
+# starts from a per-channel bucket table and steps to the exact count in a few comparisons;
+# the elements next to each threshold are then checked with the reference's own distance
+# comparison, so floating-point ties resolve identically.
 # Without a compiler the torch path is used.
 _C_SOURCE = r"""
 #include <math.h>
@@ -483,8 +485,6 @@ def _fast_c(rows: np.ndarray, qps: np.ndarray, tol: float, max_iter: int, thread
 PRUNE_SAMPLE_ROWS = 8  # channels every subset is evaluated on before pruning starts
 PRUNE_INCUMBENTS = 16  # best subsets on that sample, evaluated in full to set the first bound
 PRUNE_REL = 1e-9  # bound margin: far above float summation-order effects (~1e-13), far below real gaps
-
-
 PRUNE_SUPERSET_MIN_CANDIDATES = 100_000  # below this the superset bounds cost more than they save
 
 
@@ -537,15 +537,18 @@ def _fast_c_pruned(rows: np.ndarray, qps: np.ndarray, tol: float, max_iter: int,
     pts = _check_kernel_points(qps)
     n_pts = pts.shape[1]
     order_rows = np.argsort(-(rows * rows).sum(1), kind="stable")
-    prep = _c_prepare(rows[order_rows])
+    prep = _c_prepare(rows[order_rows])  # rows by decreasing energy; each row's inputs are its own
+
+    def take(index):  # the kernel inputs of some rows, in the given order
+        return tuple(x if isinstance(x, int) else np.ascontiguousarray(x[index]) for x in prep)
+
     a_sorted, prefix, table, inv, nb, zeros, energy = prep
     n = a_sorted.shape[1] - 1
     energy_total = float(np.sum(rows * rows))
     slack = TIE_RTOL * energy_total
     # 1. every subset on the largest channels
     m = PRUNE_SAMPLE_ROWS
-    sample = tuple(x if isinstance(x, int) else np.ascontiguousarray(x[:m]) for x in prep)
-    partial, _, iters, not_conv = _c_all(sample, pts, tol, max_iter, threads)
+    partial, _, iters, not_conv = _c_all(take(slice(0, m)), pts, tol, max_iter, threads)
     pairs = np.full(n_cand, m, dtype=np.int64)
     done = np.zeros(n_cand, dtype=np.int8)
     i64, i8 = ctypes.c_int64, ctypes.c_int8
@@ -574,7 +577,8 @@ def _fast_c_pruned(rows: np.ndarray, qps: np.ndarray, tol: float, max_iter: int,
     _run_chunks(run, chunks, threads)
     # 4. survivors (the argmin and anything that might tie with it), in plain channel order
     survivors = np.flatnonzero((done == 1) & (partial <= state["limit"]))
-    surv_losses, surv_scales, _, _ = _c_all(_c_prepare(rows), pts[survivors], tol, max_iter, threads)
+    plain_order = take(np.argsort(order_rows))  # == _c_prepare(rows), without sorting again
+    surv_losses, surv_scales, _, _ = _c_all(plain_order, pts[survivors], tol, max_iter, threads)
     losses = partial.copy()
     losses[survivors] = surv_losses
     exact = np.zeros(n_cand, dtype=bool)
@@ -657,8 +661,11 @@ def uniform_points(bits: int) -> np.ndarray:
 
 
 def weight_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
-    """``(name, module)`` of every ``Conv2d``/``Linear`` in forward-definition order."""
-    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    """``(name, module)`` of every ``Conv2d``/``Linear`` in registration order
+    (:func:`lowbit.ptq.quantizable_layers`); ``ValueError`` if there is none."""
+    from .ptq import quantizable_layers
+
+    layers = quantizable_layers(model)
     if not layers:
         raise ValueError("model has no Conv2d/Linear layers to quantize")
     return layers
@@ -671,8 +678,9 @@ def search_model(model: torch.nn.Module, bits: int, universal=5, tag: str | None
     Returns one dict per layer: ``layer``, ``shape``, ``points``, ``scale`` (per channel),
     ``loss``, ``energy`` (sum w^2), ``candidates``, ``seconds`` (wall), ``cpu_seconds`` (this
     process, all threads: comparable on a shared machine), ``threads``, ``pairs_evaluated``
-    (after pruning), ``mean_iterations`` (per evaluated pair), ``not_converged``. The first and last layers are skipped by default (the paper keeps them
-    at 8 bits). With ``tag`` (e.g. ``"resnet20-fashion-mnist"``) the result is cached in
+    (after pruning), ``mean_iterations`` (per evaluated pair), ``not_converged``. The first
+    and last layers are skipped by default (the paper keeps them at 8 bits). With ``tag``
+    (e.g. ``"resnet20-fashion-mnist"``) the result is cached in
     ``data/derived/sq_search_model-*.json`` keyed by the tag, bits, option and a hash of the
     weights, so the measured ``seconds`` are those of the run that computed it.
     """
