@@ -71,3 +71,18 @@ def test_committed_baselines_meet_targets(name, dataset, target):
     meta = models.load_metadata(name, dataset)
     assert acc >= target
     assert acc == pytest.approx(meta["test_accuracy"], abs=0.02)
+
+
+def test_checkpoint_accuracy_is_the_accuracy_and_is_computed_once(monkeypatch):
+    from lowbit.data import TensorImageDataset, load_dataset
+
+    model = models.load_pretrained("lenet5", "mnist")
+    full = load_dataset("mnist", "test")
+    test = TensorImageDataset(full.images[:300], full.labels[:300], full.name, full.split)
+    first = evaluate.checkpoint_accuracy(model, "lenet5", "mnist", test)
+    assert first == evaluate.accuracy(model, test)
+    calls = []
+    monkeypatch.setattr(evaluate, "accuracy", lambda *a, **k: calls.append(a) or -1.0)
+    assert evaluate.checkpoint_accuracy(model, "lenet5", "mnist", test) == first and not calls  # memoised
+    other = TensorImageDataset(full.images[:200], full.labels[:200], full.name, full.split)
+    assert evaluate.checkpoint_accuracy(model, "lenet5", "mnist", other) == -1.0 and len(calls) == 1  # new key

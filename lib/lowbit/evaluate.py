@@ -41,3 +41,21 @@ def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 1000, device=
 def accuracy(model: nn.Module, dataset: Dataset, batch_size: int = 1000, device=None) -> float:
     """Top-1 accuracy in percent (API)."""
     return evaluate(model, dataset, batch_size, device)["accuracy"]
+
+
+_CHECKPOINT_ACCURACY: dict = {}  # (model, dataset, split, size, checkpoint mtime) -> accuracy, per process
+
+
+def checkpoint_accuracy(model: nn.Module, model_name: str, dataset: str, test) -> float:
+    """:func:`accuracy` of the committed FP checkpoint ``model_name``/``dataset`` (already loaded
+    as ``model``) on ``test``, computed once per process: every PTQ or Q-Rater run of a notebook
+    compares with the same FP number. Keyed by the test split and size and the checkpoint
+    file's modification time, so a retrained checkpoint is evaluated again."""
+    from .models import checkpoint_path
+
+    path = checkpoint_path(model_name, dataset)
+    key = (model_name, dataset, getattr(test, "split", None), len(test),
+           path.stat().st_mtime_ns if path.exists() else None)
+    if key not in _CHECKPOINT_ACCURACY:
+        _CHECKPOINT_ACCURACY[key] = accuracy(model, test)
+    return _CHECKPOINT_ACCURACY[key]

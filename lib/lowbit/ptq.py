@@ -852,15 +852,10 @@ def run_ptq(model: str, dataset: str, method: str, w_bits: int, a_bits: int | No
                             refine=refine, seed=seed, max_rows=max_rows, universal=universal,
                             refine_size=refine_size)
     body = [layer.weight_mse() for _, layer in quantized_layers(qmodel) if layer.role == "body"]
-    fp_key = (model, dataset, len(test))  # the FP model's accuracy: evaluated once per process
-    if fp_key not in _FP_ACCURACY:
-        _FP_ACCURACY[fp_key] = evaluate.accuracy(fp, test)
-    return {"accuracy": evaluate.accuracy(qmodel, test), "fp_accuracy": _FP_ACCURACY[fp_key],
+    return {"accuracy": evaluate.accuracy(qmodel, test),
+            "fp_accuracy": evaluate.checkpoint_accuracy(fp, model, dataset, test),  # once per process
             "seconds": time.time() - started, "threads": torch.get_num_threads(),
             "weight_mse": float(np.mean(body)) if body else 0.0}
-
-
-_FP_ACCURACY: dict = {}
 
 
 def prime_sq_fits(model: nn.Module, bits: int, universal=5, tag: str | None = None) -> int:

@@ -918,21 +918,6 @@ TABLE1_VARIANTS = {
 }
 
 
-_FP_TEST_ACCURACY: dict = {}  # (model, dataset, test split, checkpoint mtime) -> accuracy, per process
-
-
-def _fp_test_accuracy(model: nn.Module, model_name: str, dataset: str, test) -> float:
-    """FP test accuracy of a committed checkpoint, computed once per process (it is the same for every run)."""
-    from .evaluate import accuracy
-    from .models import checkpoint_path
-
-    path = checkpoint_path(model_name, dataset)
-    key = (model_name, dataset, test.split, len(test), path.stat().st_mtime_ns if path.exists() else None)
-    if key not in _FP_TEST_ACCURACY:
-        _FP_TEST_ACCURACY[key] = accuracy(model, test)
-    return _FP_TEST_ACCURACY[key]
-
-
 def experiment(model_name: str, dataset: str, w_bits: int | None, a_bits: int | None, *, per_class: int = 20,
                test_n: int | None = None, curve: bool = False, seed: int = 0, **run_kwargs) -> dict:
     """One Q-Rater (or baseline) run on a committed FP checkpoint, as a JSON-able record.
@@ -946,7 +931,7 @@ def experiment(model_name: str, dataset: str, w_bits: int | None, a_bits: int | 
     import time
 
     from .data import load_dataset
-    from .evaluate import accuracy
+    from .evaluate import accuracy, checkpoint_accuracy
     from .models import load_pretrained
 
     t0 = time.time()
@@ -959,7 +944,7 @@ def experiment(model_name: str, dataset: str, w_bits: int | None, a_bits: int | 
     out = {
         "model": model_name, "dataset": dataset, "config": res.config, "layers": res.layers,
         "probes": res.probes, "fp_calib": res.fp_objective, "test_n": len(test),
-        "fp_test_accuracy": _fp_test_accuracy(model, model_name, dataset, test),
+        "fp_test_accuracy": checkpoint_accuracy(model, model_name, dataset, test),
         "test_accuracy": accuracy(res.model, test),
         "calib_accuracy": res.layers[-1]["calib_accuracy"] if res.layers else res.fp_objective["accuracy"],
     }
