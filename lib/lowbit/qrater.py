@@ -880,6 +880,16 @@ def incremental_accuracy(model: nn.Module, layers: list[dict], dataset, batch_si
     return [accuracy(apply(model, layers, int(k), example), dataset, batch_size) for k in counts]
 
 
+def _test_set(dataset: str, test_n: int | None):
+    """The test split of ``dataset``, cut to its first ``test_n`` images (all if ``None``)."""
+    from .data import load_dataset
+
+    test = load_dataset(dataset, "test")
+    if test_n is not None:
+        test = type(test)(test.images[:test_n], test.labels[:test_n], test.name, f"test[:{test_n}]")
+    return test
+
+
 def experiment_curve(model_name: str, dataset: str, layers: list[dict], *, test_n: int | None = None,
                      counts=None) -> dict:
     """The Figs. 6-8 curve of a finished :func:`experiment` from its ``layers`` records alone.
@@ -891,14 +901,11 @@ def experiment_curve(model_name: str, dataset: str, layers: list[dict], *, test_
     """
     import time
 
-    from .data import load_dataset
     from .models import load_pretrained
 
     t0 = time.time()
     model = load_pretrained(model_name, dataset)
-    test = load_dataset(dataset, "test")
-    if test_n is not None:
-        test = type(test)(test.images[:test_n], test.labels[:test_n], test.name, f"test[:{test_n}]")
+    test = _test_set(dataset, test_n)
     counts = list(range(len(layers) + 1)) if counts is None else [int(k) for k in counts]
     acc = incremental_accuracy(model, layers, test, example=test.images[:2], counts=counts)
     return {"counts": counts, "accuracy": acc, "test_n": len(test), "seconds": time.time() - t0}
@@ -937,9 +944,7 @@ def experiment(model_name: str, dataset: str, w_bits: int | None, a_bits: int | 
     t0 = time.time()
     model = load_pretrained(model_name, dataset)
     calib = balanced_subset(load_dataset(dataset, "train"), per_class, seed)
-    test = load_dataset(dataset, "test")
-    if test_n is not None:
-        test = type(test)(test.images[:test_n], test.labels[:test_n], test.name, f"test[:{test_n}]")
+    test = _test_set(dataset, test_n)
     res = run(model, w_bits, a_bits, calib, seed=seed, **run_kwargs)
     out = {
         "model": model_name, "dataset": dataset, "config": res.config, "layers": res.layers,
