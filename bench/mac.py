@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import lowbit
-import lowbit.hw as hw
+import lowbit.sq.hw as hw
 
 LAYERS = [  # name in resnet20, (C_in, H, W), stride
     ("layer1.0.conv1", (16, 28, 28), 1),

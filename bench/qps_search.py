@@ -38,8 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "lib"))
 
 import lowbit  # noqa: E402
-from lowbit.search import search_qps  # noqa: E402
-from lowbit.universal import qps_count  # noqa: E402
+from lowbit.sq.search import search_qps  # noqa: E402
+from lowbit.sq.universal import qps_count  # noqa: E402
 
 
 def conv_layers(seed: int = 0):

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 import lowbit
-from lowbit.qps import quantize_to_points, quantize_to_points_reference
+from lowbit.core.points import quantize_to_points, quantize_to_points_reference
 
 ROOT = Path(__file__).resolve().parents[1]
 

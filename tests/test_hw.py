@@ -7,9 +7,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import lowbit
-import lowbit.hw as hw
-from lowbit.hw import network
-from lowbit.qps import quantize_to_points
+import lowbit.sq.hw as hw
+from lowbit.sq.hw import network
+from lowbit.core.points import quantize_to_points
 
 PAPER_HW_COST = {1: 45, 2: 51, 3: 80, 4: 108, 5: 45}  # supplement Table 2, 4-bit input
 
@@ -238,14 +238,14 @@ def test_mac_rejects_activations_that_are_not_unsigned_integers(x):
 
 def test_activation_quantizer():
     with pytest.raises(ValueError):
-        hw.quantize_activation(torch.ones(3), 0, 1.0)
+        hw.activation_codes(torch.ones(3), 0, 1.0)
     with pytest.raises(ValueError):
-        hw.quantize_activation(torch.ones(3), 4.0, 1.0)
+        hw.activation_codes(torch.ones(3), 4.0, 1.0)
     with pytest.raises(ValueError):
-        hw.quantize_activation(torch.ones(3), 4, 0.0)
+        hw.activation_codes(torch.ones(3), 4, 0.0)
     x = torch.tensor([-1.0, 0.0, 0.5, 3.0])
     scale, zp = hw.activation_qparams(x, 8)
-    q = hw.quantize_activation(x, 8, scale, zp)
+    q = hw.activation_codes(x, 8, scale, zp)
     assert q.dtype == torch.int64 and int(q.min()) == 0 and int(q.max()) == 255
     assert torch.allclose(hw.dequantize_activation(q, scale, zp), x.double(), atol=scale)
     assert hw.activation_qparams(torch.tensor([0.0, 1.5]), 4) == (0.1, 0)
@@ -274,7 +274,7 @@ def test_real_layer_with_searched_qps_is_bit_exact():
     x = load_dataset("digits", "test").images[:3].double()  # normalized: has negative values
     scale, zp = hw.activation_qparams(x, 8)
     assert zp > 0
-    x_int = hw.quantize_activation(x, 8, scale, zp)
+    x_int = hw.activation_codes(x, 8, scale, zp)
     acc = hw.mac_conv2d(x_int, codes, dec, 1, 2, pad_value=zp)
     corr = hw.mac_linear(torch.full((1, 25), zp), codes.reshape(6, -1), dec)[0]
     out = (acc - corr.view(1, -1, 1, 1)).double() * scale * torch.as_tensor(res.scale).view(1, -1, 1, 1) * dec.unit
@@ -310,7 +310,7 @@ def test_resnet20_pipeline_int_equals_fake_quant():
 
 def test_shift_sum_in_int64_equals_float_shift_sum():
     """Both branches of the vectorised accumulation (float ldexp shifts vs int64 shifts) agree."""
-    from lowbit.hw.mac import _accumulate, _select_matrices
+    from lowbit.sq.hw.mac import _accumulate, _select_matrices
 
     rng = np.random.default_rng(3)
     w, pts, scale = _random_layer(rng, 4, 4, o=5, c=6, kh=1, kw=1)
@@ -329,7 +329,7 @@ def test_search_model_qps_feeds_the_integer_network():
     torch.manual_seed(1)
     model = lowbit.models.build("lenet5").eval()
     qps = network.search_model_qps(model, weight_bits=2, option=5)
-    assert list(qps) == [n for n, _ in network.mac_layers(model)]
+    assert list(qps) == [n for n, _ in lowbit.nn.quantizable_layers(model)]
     images = torch.randn(4, 1, 28, 28)
     hw_a, rep_a = network.to_shift_add(model, images, weight_bits=2, qps_fn=qps)
     hw_b, rep_b = network.to_shift_add(model, images, weight_bits=2)  # searches again

@@ -7,8 +7,8 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lowbit
-from lowbit import models, ptq
-from lowbit.quantizers import qps
+from lowbit import models
+from lowbit.sq.quantizers import qps
 
 
 def _randomise_bn(model, seed=0):
@@ -43,7 +43,7 @@ def _params(model):
 def test_fold_bn_preserves_fp_outputs(resnet20):
     x = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(1))
     before = _params(resnet20)
-    folded = ptq.fold_bn(resnet20)
+    folded = lowbit.nn.fold_bn(resnet20)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
     with torch.no_grad():
         assert torch.allclose(folded(x), resnet20(x), atol=1e-5, rtol=1e-5)
@@ -52,23 +52,23 @@ def test_fold_bn_preserves_fp_outputs(resnet20):
 
 
 def test_fold_bn_registration_fallback_matches_fx(resnet20):
-    from lowbit.fold_bn import _pairs_fx, _pairs_registration
+    from lowbit.nn.fold_bn import _pairs_fx, _pairs_registration
 
     assert _pairs_fx(resnet20) == _pairs_registration(resnet20)
     assert len(_pairs_fx(resnet20)) == 19  # conv1 + 18 block convs each have a BN
 
 
 def test_quantizable_layers_forward_order(resnet20, lenet):
-    names = [n for n, _ in ptq.quantizable_layers(resnet20)]
+    names = [n for n, _ in lowbit.nn.quantizable_layers(resnet20)]
     assert names[0] == "conv1" and names[-1] == "fc" and len(names) == 20
-    assert [n for n, _ in ptq.quantizable_layers(lenet)] == ["conv1", "conv2", "fc1", "fc2", "fc3"]
+    assert [n for n, _ in lowbit.nn.quantizable_layers(lenet)] == ["conv1", "conv2", "fc1", "fc2", "fc3"]
 
 
 # ----------------------------------------------------------------------------- quantize_model
 @pytest.mark.parametrize("method", ["uniform", "log2", "two_word_log", "apot"])
 def test_first_last_layers_at_first_last_bits(lenet, method):
     q = lowbit.quantize_model(lenet, method, 3, first_last_bits=6)
-    layers = ptq.quantized_layers(q)
+    layers = lowbit.nn.quantized_layers(q)
     for name, layer in layers:
         fq = layer.quantizer
         if name in ("conv1", "fc3"):
@@ -89,14 +89,14 @@ def test_input_model_unchanged_and_output_is_new_module(lenet):
     q = lowbit.quantize_model(lenet, "apot", 3, a_bits=4, calib=x, refine=True)
     after = _params(lenet)
     assert all(torch.equal(before[k], after[k]) for k in before)
-    assert q is not lenet and not any(isinstance(m, ptq.ActQuantizer) for m in lenet.modules())
+    assert q is not lenet and not any(isinstance(m, lowbit.nn.ActQuantizer) for m in lenet.modules())
     assert all(p.requires_grad for p in lenet.parameters())
 
 
 def test_activation_quantizers_unsigned_and_calibrated(lenet):
     x = torch.randn(128, 1, 28, 28, generator=torch.Generator().manual_seed(3))
     q = lowbit.quantize_model(lenet, "uniform", 4, a_bits=3, calib=x)
-    acts = [(n, m) for n, m in q.named_modules() if isinstance(m, ptq.ActQuantizer)]
+    acts = [(n, m) for n, m in q.named_modules() if isinstance(m, lowbit.nn.ActQuantizer)]
     assert [n for n, _ in acts] == ["relu1.act", "relu2.act", "relu3.act", "relu4.act"]
     assert [m.bits for _, m in acts] == [3, 3, 3, 8]  # the ReLU feeding the classifier at 8 bits
     seen = {}
@@ -112,7 +112,7 @@ def test_activation_quantizers_unsigned_and_calibrated(lenet):
 
 
 def test_act_quantizer_mse_step_beats_max_step():
-    a = ptq.ActQuantizer(3)
+    a = lowbit.nn.ActQuantizer(3)
     x = torch.relu(torch.randn(10_000, generator=torch.Generator().manual_seed(4))) ** 2
     step = a.calibrate(x)
     max_step = float(x.max()) / 7
@@ -124,11 +124,11 @@ def test_refine_lowers_layer_reconstruction_error(lenet):
     x = torch.randn(256, 1, 28, 28, generator=torch.Generator().manual_seed(5))
     plain = lowbit.quantize_model(lenet, "uniform", 2)
     refined = lowbit.quantize_model(lenet, "uniform", 2, calib=x, refine=True)
-    fp = ptq.fold_bn(lenet)
+    fp = lowbit.nn.fold_bn(lenet)
     with torch.no_grad():
         err = lambda m: float(((m(x) - fp(x)) ** 2).mean())  # noqa: E731
         assert err(refined) < err(plain)
-    for name, layer in ptq.quantized_layers(refined):
+    for name, layer in lowbit.nn.quantized_layers(refined):
         assert layer.refine_info["loss_drop"] >= 0
         # refined weights still lie in the layer's QPS times its (new) scales
         fq = layer.quantizer
@@ -146,7 +146,7 @@ def test_refine_rounding_is_a_local_optimum_and_never_worse():
     p, s = qps("uniform", 2 + 1), torch.full((3,), 0.6, dtype=torch.float64)
     loss = lambda q: ((q @ g) * q).sum(1) - 2 * (q * cw).sum(1)  # noqa: E731
     nearest = lowbit.qps.quantize_to_points(w, p, s, dim=0)
-    q = ptq.refine_rounding(w, p, s, g, cw, sweeps=10)
+    q = lowbit.sq.refine.refine_rounding(w, p, s, g, cw, sweeps=10)
     assert (loss(q) <= loss(nearest) + 1e-12).all()
     # reference check: no single entry can move to its other QPS neighbour and lower the loss
     for c in range(3):
@@ -164,14 +164,14 @@ def test_calib_accepts_tensor_dataset_and_loader(lenet):
     x = torch.randn(32, 1, 28, 28, generator=torch.Generator().manual_seed(7))
     ds = TensorDataset(x, torch.zeros(32, dtype=torch.long))
     for calib in (x, ds, DataLoader(ds, batch_size=8)):
-        assert torch.equal(ptq.calibration_tensor(calib), x)
+        assert torch.equal(lowbit.nn.calibration_tensor(calib), x)
     q = lowbit.quantize_model(lenet, "log2", 4, a_bits=8, calib=DataLoader(ds, batch_size=8))
     assert torch.isfinite(q(x)).all()
 
 
 def test_summary_table(lenet):
     x = torch.randn(32, 1, 28, 28, generator=torch.Generator().manual_seed(8))
-    table = ptq.summary(lowbit.quantize_model(lenet, "apot", 4, a_bits=4, calib=x))
+    table = lowbit.sq.ptq.summary(lowbit.quantize_model(lenet, "apot", 4, a_bits=4, calib=x))
     assert {"layer", "method", "bits", "qps", "scale_min", "scale_max", "weight_mse"} <= set(table.columns)
     weights = table[table.kind != "ActQuantizer"]
     assert list(weights.method) == ["uniform", "apot", "apot", "apot", "uniform"]
@@ -183,7 +183,7 @@ def test_torchvision_resnet18_random_init():
     torch.manual_seed(0)
     r18 = _randomise_bn(models.build("resnet18"))
     q = lowbit.quantize_model(r18, "log2", 4, granularity="layer")  # per-layer scales: fast on 11M weights
-    layers = ptq.quantized_layers(q)
+    layers = lowbit.nn.quantized_layers(q)
     assert len(layers) == 21 and layers[0][1].quantizer.bits == 8 and layers[-1][1].quantizer.bits == 8
     assert not any(isinstance(m, nn.BatchNorm2d) for m in q.modules())
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(9))
@@ -232,31 +232,31 @@ def test_bad_arguments_raise_valueerror(lenet, kwargs, match):
 ])
 def test_rows_at_gathers_the_same_rows_as_im2col(conv):
     x = torch.randn(5, 3, 9, 8, generator=torch.Generator().manual_seed(2))
-    full = ptq._rows(conv, x)
-    assert ptq._n_rows(conv, x) == len(full)
+    full = lowbit.nn.im2col.layer_rows(conv, x)
+    assert lowbit.nn.im2col.n_rows(conv, x) == len(full)
     idx = torch.randperm(len(full), generator=torch.Generator().manual_seed(3))[:57]
-    assert torch.equal(ptq._rows_at(conv, x, idx), full[idx])
+    assert torch.equal(lowbit.nn.im2col.rows_at(conv, x, idx), full[idx])
     fc, xf = nn.Linear(6, 2), torch.randn(4, 6)
-    assert torch.equal(ptq._rows_at(fc, xf, torch.tensor([3, 0, 2])), ptq._rows(fc, xf)[[3, 0, 2]])
+    assert torch.equal(lowbit.nn.im2col.rows_at(fc, xf, torch.tensor([3, 0, 2])), lowbit.nn.im2col.layer_rows(fc, xf)[[3, 0, 2]])
 
 
 def test_gram_fast_path_equals_reference(resnet20):
     x = torch.randn(40, 1, 28, 28, generator=torch.Generator().manual_seed(4))
     q = lowbit.quantize_model(resnet20, "uniform", 3, a_bits=4, calib=x)
-    fp = ptq.fold_bn(resnet20)
-    names = [n for n, _ in ptq.quantized_layers(q)]
-    store = ptq.all_layer_inputs(fp, names, x, batch_size=16)
-    assert ptq.all_layer_inputs(fp, names, x, batch_size=16, max_bytes=1000) is None  # over budget
+    fp = lowbit.nn.fold_bn(resnet20)
+    names = [n for n, _ in lowbit.nn.quantized_layers(q)]
+    store = lowbit.nn.all_layer_inputs(fp, names, x, batch_size=16)
+    assert lowbit.nn.all_layer_inputs(fp, names, x, batch_size=16, max_bytes=1000) is None  # over budget
     for j, name in enumerate(names[:3] + names[-2:]):
         ql, fl = q.get_submodule(name), fp.get_submodule(name)
-        ref = ptq._gram_reference(q, ql, fp, fl, x, 3000, j, 16)  # subsamples rows of every conv
+        ref = lowbit.sq.refine.gram_reference(q, ql, fp, fl, x, 3000, j, 16)  # subsamples rows of every conv
         for inputs in (store[name], None):
-            fast = ptq._gram(q, ql, fp, fl, x, 3000, j, 16, inputs)
+            fast = lowbit.sq.refine.gram(q, ql, fp, fl, x, 3000, j, 16, inputs)
             assert torch.equal(fast[0], ref[0]) and torch.equal(fast[1], ref[1]) and fast[2] == ref[2]
 
 
 def test_act_quantize_in_place_equals_reference():
-    aq = ptq.ActQuantizer(3)
+    aq = lowbit.nn.ActQuantizer(3)
     x = torch.randn(1000, generator=torch.Generator().manual_seed(5)).abs() * 3
     for step in (0.1, 0.37, torch.tensor(0.05)):
         assert torch.equal(aq.quantize(x, step), aq.quantize_reference(x, step))
@@ -265,17 +265,28 @@ def test_act_quantize_in_place_equals_reference():
     assert xg.grad is not None
 
 
-def test_prime_sq_fits_gives_the_same_quantizer_as_fit_quantizer(lenet):
-    ptq._FIT_CACHE.clear()
-    fresh = lowbit.quantize_model(lenet, "sq", 2, universal=1)
-    ptq._FIT_CACHE.clear()
-    assert ptq.prime_sq_fits(lenet, 2, universal=1, tag=None) == 3  # conv2, fc1, fc2
-    primed = lowbit.quantize_model(lenet, "sq", 2, universal=1)
-    for (name, a), (_, b) in zip(ptq.quantized_layers(fresh), ptq.quantized_layers(primed)):
+def test_prime_sq_gives_the_same_quantizer_as_fit_quantizer(lenet):
+    fresh = lowbit.quantize_model(lenet, "sq", 2, universal=1)  # its own FitCache: nothing shared
+    fits = lowbit.sq.FitCache()
+    assert fits.prime_sq(lenet, 2, universal=1, tag=None) == 3  # conv2, fc1, fc2
+    assert len(fits) == 3
+    primed = lowbit.quantize_model(lenet, "sq", 2, universal=1, fits=fits)
+    assert len(fits) == 5  # + first and last (8-bit uniform) fitted on demand
+    for (name, a), (_, b) in zip(lowbit.nn.quantized_layers(fresh), lowbit.nn.quantized_layers(primed)):
         assert np.array_equal(a.quantizer.points, b.quantizer.points), name
         assert torch.equal(torch.as_tensor(a.quantizer.scale), torch.as_tensor(b.quantizer.scale)), name
         assert torch.equal(a.weight, b.weight), name
-    ptq._FIT_CACHE.clear()
+
+
+def test_config_and_keyword_forms_agree(lenet):
+    x = torch.randn(32, 1, 28, 28, generator=torch.Generator().manual_seed(3))
+    a = lowbit.quantize_model(lenet, "uniform", 3, a_bits=4, calib=x)
+    b = lowbit.quantize_model(lenet, config=lowbit.PTQConfig("uniform", 3, a_bits=4), calib=x)
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+    with pytest.raises(TypeError, match="either config"):
+        lowbit.quantize_model(lenet, "uniform", 3, config=lowbit.PTQConfig("uniform", 3))
+    with pytest.raises(TypeError, match="unknown quantize_model option"):
+        lowbit.quantize_model(lenet, "uniform", 3, refien=True)
 
 
 def test_refine_is_deterministic_for_a_seed(lenet):

@@ -7,8 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lowbit import models, ptq, qrater
-from lowbit.fold_bn import fold_bn
+from lowbit import models, qrater
+from lowbit.nn.fold_bn import fold_bn
 
 SET = settings(max_examples=40, deadline=None)
 
@@ -197,10 +197,10 @@ def test_shared_fold_and_forward_order_walk():
     assert not any(isinstance(k, torch.nn.BatchNorm2d) for k in folded.modules())
     with torch.no_grad():
         assert torch.allclose(folded(x), m(x), atol=1e-4)
-    order = [n for n, _ in ptq.quantizable_layers(folded, x)]
+    order = [n for n, _ in lowbit.nn.quantizable_layers(folded, x)]
     assert len(order) == 20 and order[0] == "conv1" and order[-1] == "fc"
     assert order[1:3] == ["layer1.0.conv1", "layer1.0.conv2"]
-    assert [n for n, _ in ptq.quantizable_layers(models.build("lenet5"), x)] == ["conv1", "conv2", "fc1", "fc2", "fc3"]
+    assert [n for n, _ in lowbit.nn.quantizable_layers(models.build("lenet5"), x)] == ["conv1", "conv2", "fc1", "fc2", "fc3"]
     state = qrater._QuantState(m, x)
     assert state.order == order
 
@@ -219,8 +219,8 @@ class _Reordered(torch.nn.Module):
 
 def test_quantizable_layers_example_gives_forward_order():
     m = _Reordered()
-    assert [n for n, _ in ptq.quantizable_layers(m)] == ["head", "body"]  # registration order
-    assert [n for n, _ in ptq.quantizable_layers(m, torch.randn(2, 4))] == ["body", "head"]  # forward order
+    assert [n for n, _ in lowbit.nn.quantizable_layers(m)] == ["head", "body"]  # registration order
+    assert [n for n, _ in lowbit.nn.quantizable_layers(m, torch.randn(2, 4))] == ["body", "head"]  # forward order
     assert qrater._QuantState(m, torch.randn(2, 4)).order == ["body", "head"]
 
 

@@ -6,8 +6,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lowbit import quantizers as Q
-from lowbit.qps import quantize_to_points
+from lowbit.sq import quantizers as Q
+from lowbit.core.points import quantize_to_points
 
 FIXED = ("uniform", "log2", "two_word_log", "apot")
 
@@ -92,7 +92,7 @@ def test_quantize_rows_agrees_with_shared_quantizer():
     scale = torch.rand(6, generator=gen, dtype=torch.float64) + 0.1
     for method in FIXED:
         p = Q.qps(method, 4)
-        assert torch.allclose(Q.quantize_rows(rows, p, scale), quantize_to_points(rows, p, scale, dim=0))
+        assert torch.allclose(lowbit.core.points.quantize_rows(rows, p, scale), quantize_to_points(rows, p, scale, dim=0))
 
 
 @pytest.mark.parametrize("method", FIXED)

@@ -6,9 +6,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import lowbit
-from lowbit.scale import eq10_update, loss_at, nearest_points
-from lowbit.qps import point_index
-from lowbit.universal import enumerate_qps
+from lowbit.sq.scale import eq10_update, loss_at, nearest_points
+from lowbit.core.points import point_index
+from lowbit.sq.universal import enumerate_qps
 
 QPS5_3 = enumerate_qps(5, 3)
 

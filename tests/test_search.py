@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import lowbit
-from lowbit.scale import eq10_update
+from lowbit.sq.scale import eq10_update
 
 # small layers: (channels, weights per channel); dyadic values make exact ties likely
 dyadic = st.integers(-24, 24).map(lambda k: k / 8)
@@ -28,7 +28,7 @@ def layers(draw):
     return w
 
 
-BACKENDS = ["torch"] + (["c"] if lowbit.search._c_kernel() is not None else [])
+BACKENDS = ["torch"] + (["c"] if lowbit.sq.search._c_kernel() is not None else [])
 
 
 def assert_agree(w, bits, option, granularity):
@@ -174,30 +174,19 @@ def test_bad_weights(bad, match):
         lowbit.search_qps([[1.0, 2.0]], 2)
 
 
-def test_quantize_weights_sq_keeps_edges_uniform():
-    model = lowbit.models.build("lenet5")
-    qmodel, report = lowbit.search.quantize_weights_sq(model, 2, universal=1)
-    assert [r["quantizer"] for r in report] == ["uniform", "sq", "sq", "sq", "uniform"]
-    for r in report[1:-1]:
-        assert len(r["points"]) == 2 and np.isin(r["points"], lowbit.universal_set(1)).all()
-    w = qmodel.conv2.weight.detach()
-    assert all(len(torch.unique(w[c].abs())) <= 2 for c in range(w.shape[0]))
-
-
-
 def test_global_scale_losses_bound_fixed_point_losses():
     g = torch.Generator().manual_seed(2)
     w = torch.randn(3, 20, generator=g, dtype=torch.float64)
     fixed = lowbit.search_qps(w, 2, 5)
-    glob = lowbit.search.candidate_losses_global(w, 2, 5)
+    glob = lowbit.sq.search.candidate_losses_global(w, 2, 5)
     assert glob.shape == fixed.losses.shape
     assert np.all(glob <= fixed.losses * (1 + 1e-12) + 1e-12)
 
 
 def test_search_model_is_cached_with_its_measured_seconds(out_dir):
     model = lowbit.models.build("lenet5")
-    first = lowbit.search.search_model(model, 2, 1, tag="lenet5-test")
-    again = lowbit.search.search_model(model, 2, 1, tag="lenet5-test")
+    first = lowbit.sq.model_search.search_model(model, 2, 1, tag="lenet5-test")
+    again = lowbit.sq.model_search.search_model(model, 2, 1, tag="lenet5-test")
     assert [f["layer"] for f in first] == ["conv2", "fc1", "fc2"]
     assert first == again  # loaded, not recomputed
     assert list(out_dir.glob("derived/sq_search_model-*.json"))

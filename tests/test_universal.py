@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import lowbit
-from lowbit import universal as U
+from lowbit.sq import universal as U
 
 
 @pytest.mark.parametrize("option,size", sorted(U.PAPER_SET_SIZE.items()))

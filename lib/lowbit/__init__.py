@@ -1,7 +1,8 @@
 """lowbit: a reproducible compendium for low-bit, non-uniform quantization.
 
-Papers: Subset Quantization (Oh et al., ECCV 2022), Q-Rater (Kim et al.), nuLSQ
-(Gongyo et al.), ALQ/STLQ (Oh et al., CVPR 2021). See README.md.
+Papers implemented: Subset Quantization (Oh, Sim, Kim, Lee, ECCV 2022) in ``lowbit.sq`` and
+Q-Rater (Kim, Lee et al., arXiv:2105.01868) in ``lowbit.qrater``; nuLSQ (Gongyo et al., ACCV 2024)
+and ALQ/STLQ (Oh, Sim, Lee, Lee, CVPR 2021) are planned. See README.md and docs/ARCHITECTURE.md.
 
 The public API is listed in ``_EXPORTS`` and imported lazily, so ``import lowbit`` stays
 fast and one module's import error does not hide the others.
@@ -17,19 +18,23 @@ __version__ = "0.1.0"
 # public name -> submodule that defines it
 _EXPORTS = {
     # Subset Quantization core (SQ sec. 3.2-3.4)
-    "universal_set": "universal",
-    "qps_count": "universal",
-    "optimal_scale": "scale",
-    "global_optimal_scale": "scale",
-    "search_qps": "search",
+    "universal_set": "sq.universal",
+    "qps_count": "sq.universal",
+    "optimal_scale": "sq.scale",
+    "global_optimal_scale": "sq.scale",
+    "search_qps": "sq.search",
     # model-level PTQ (SQ Tables 2-3)
-    "quantize_model": "ptq",
+    "quantize_model": "sq.ptq",
+    "PTQConfig": "sq.ptq",
 }
 
-_SUBMODULES = ("data", "models", "train", "evaluate", "results", "plotting", "profiles", "paths", "utils",
-               "universal", "quantizers", "scale", "search", "ptq", "qrater", "hw", "lsq", "stlq")
+# packages (core <- nn <- papers <- experiments) and the top-level modules
+_SUBMODULES = ("core", "nn", "sq", "qrater", "data", "models", "train", "evaluate", "results", "plotting",
+               "profiles", "paths", "utils", "reproduce")
+# the SQ modules people reach as lowbit.<name> (one-line aliases of their home in lowbit.sq)
+_ALIASES = {"hw": "sq.hw", "universal": "sq.universal", "scale": "sq.scale", "search": "sq.search"}
 
-__all__ = ["seed_all", *_EXPORTS, *_SUBMODULES]
+__all__ = ["seed_all", *_EXPORTS, *_SUBMODULES, *_ALIASES]
 
 
 def __getattr__(name: str):
@@ -38,6 +43,8 @@ def __getattr__(name: str):
         return getattr(module, name)
     if name in _SUBMODULES:
         return importlib.import_module(f".{name}", __name__)
+    if name in _ALIASES:
+        return importlib.import_module(f".{_ALIASES[name]}", __name__)
     raise AttributeError(f"module 'lowbit' has no attribute {name!r}")
 
 

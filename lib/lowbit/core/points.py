@@ -1,6 +1,7 @@
 """The one shared simulated quantizer: nearest point of a symmetric QPS times a scale.
 
-SQ paper (001_ab6a87911af615e3.txt), eq. 3: ``Q(w) = argmin_{q in S_Q(alpha)} |w - q|`` with
+Oh, Sim, Kim, Lee, *Non-Uniform Step Size Quantization for Accurate Post-Training Quantization*
+(Subset Quantization, ECCV 2022), eq. 3: ``Q(w) = argmin_{q in S_Q(alpha)} |w - q|`` with
 ``S_Q(alpha) = {+-alpha * p : p in QPS}``. Because the set is symmetric,
 ``Q(w) = sign(w) * alpha * p*`` where ``p*`` is the point nearest to ``|w| / alpha``.
 Every quantizer in lowbit (uniform eq. 4, log eq. 5, two-word log eq. 6, APoT, subset eq. 7)
@@ -90,3 +91,18 @@ def quantize_to_points_reference(w, points, scale, dim: int = 0) -> torch.Tensor
     # argmin returns the first minimum: the smaller point on an exact tie
     idx = dist.argmin(-1)
     return (torch.sign(w64) * (s if s.ndim == 0 else s) * p[idx]).to(w.dtype)
+
+
+def quantize_rows(rows: torch.Tensor, points, scale: torch.Tensor) -> torch.Tensor:
+    """Fast path of :func:`quantize_to_points` for ``(C, K)`` rows and a ``(C,)`` scale.
+
+    Divides by the scale and looks ``|w| / scale`` up in the *one* sorted list of mid-points
+    (``torch.bucketize``) instead of per-row thresholds; identical except possibly for
+    magnitudes within float rounding of a tie. Used inside the scale searches (hundreds of
+    calls); final weights always go through :func:`quantize_to_points`.
+    """
+    p = torch.as_tensor(np.unique(np.asarray(points, dtype=np.float64)), dtype=rows.dtype)
+    s = torch.as_tensor(scale, dtype=rows.dtype).reshape(-1, 1)
+    mids = (p[1:] + p[:-1]) / 2
+    idx = torch.bucketize(rows.abs() / s, mids, right=False)
+    return torch.sign(rows) * p[idx] * s

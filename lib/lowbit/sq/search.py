@@ -32,15 +32,15 @@ both methods.
 """
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from .qps import quantize_to_points
-from .scale import _check_tol, as_weights, optimal_scale
+from ..core.points import quantize_to_points
+from ..core.validation import as_weights, check_tol
+from .scale import global_optimal_scale, optimal_scale
 from .universal import check_fits, qps_indices, universal_set
 
 GRANULARITIES = ("channel", "layer")
@@ -497,8 +497,6 @@ def _rest_lower_bounds(a_sorted: np.ndarray, energy: np.ndarray, universal_point
     (:func:`lowbit.scale.global_optimal_scale`). A relative 1e-9 and an absolute 1e-12 of the
     channel's energy are taken off for rounding. Zeros when there are too few candidates for
     the bound to pay for itself (``PRUNE_SUPERSET_MIN_CANDIDATES``)."""
-    from .scale import global_optimal_scale
-
     n_rows = a_sorted.shape[0]
     out = np.zeros(n_rows + 1)
     if n_cand < PRUNE_SUPERSET_MIN_CANDIDATES:
@@ -611,7 +609,7 @@ def search_qps(weight, bits: int, universal=5, granularity: str = "channel", met
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: use one of {METHODS}")
     check_fits(universal, bits)  # bits >= 1, N <= |S_U|, option known
-    _check_tol(tol, max_iter)
+    check_tol(tol, max_iter)
     rows = _rows(weight, granularity)
     s_u = universal_set(universal)
     qps = s_u[qps_indices(universal, bits)]  # (K, N)
@@ -655,115 +653,11 @@ def search_qps(weight, bits: int, universal=5, granularity: str = "channel", met
                         exact=exact)
 
 
-def uniform_points(bits: int) -> np.ndarray:
-    """Symmetric uniform QPS ``{0, 1, ..., N-1}`` (SQ eq. 4 made symmetric), N = 2**(bits-1)."""
-    return np.arange(2 ** (bits - 1), dtype=np.float64)
-
-
-def weight_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
-    """``(name, module)`` of every ``Conv2d``/``Linear`` in registration order
-    (:func:`lowbit.ptq.quantizable_layers`); ``ValueError`` if there is none."""
-    from .ptq import quantizable_layers
-
-    layers = quantizable_layers(model)
-    if not layers:
-        raise ValueError("model has no Conv2d/Linear layers to quantize")
-    return layers
-
-
-def search_model(model: torch.nn.Module, bits: int, universal=5, tag: str | None = None,
-                 skip_first_last: bool = True) -> list[dict]:
-    """:func:`search_qps` (channel granularity, fast) on every conv/linear weight of ``model``.
-
-    Returns one dict per layer: ``layer``, ``shape``, ``points``, ``scale`` (per channel),
-    ``loss``, ``energy`` (sum w^2), ``candidates``, ``seconds`` (wall), ``cpu_seconds`` (this
-    process, all threads: comparable on a shared machine), ``threads``, ``pairs_evaluated``
-    (after pruning), ``mean_iterations`` (per evaluated pair), ``not_converged``. The first
-    and last layers are skipped by default (the paper keeps them at 8 bits). With ``tag``
-    (e.g. ``"resnet20-fashion-mnist"``) the result is cached in
-    ``data/derived/sq_search_model-*.json`` keyed by the tag, bits, option and a hash of the
-    weights, so the measured ``seconds`` are those of the run that computed it.
-    """
-    import hashlib
-
-    from .results import cached
-
-    layers = weight_layers(model)
-    if skip_first_last:
-        layers = layers[1:-1]
-    digest = hashlib.sha256()
-    for name, m in layers:
-        digest.update(name.encode())
-        digest.update(m.weight.detach().to("cpu", torch.float64).numpy().tobytes())
-    option = universal if isinstance(universal, int) else [list(map(float, x)) for x in universal]
-
-    def compute():
-        out = []
-        for name, m in layers:
-            w = m.weight.detach().to("cpu", torch.float64)
-            cpu0 = time.process_time()
-            res = search_qps(w, bits, universal=universal)
-            out.append({"layer": name, "shape": list(w.shape), "points": res.points.tolist(),
-                        "scale": np.asarray(res.scale).tolist(), "loss": res.loss, "energy": float((w * w).sum()),
-                        "candidates": res.candidates, "seconds": res.seconds,
-                        "cpu_seconds": time.process_time() - cpu0, "threads": torch.get_num_threads(),
-                        "backend": res.backend, "pairs_evaluated": res.pairs,
-                        "mean_iterations": res.iterations / res.pairs, "not_converged": res.not_converged})
-        return out
-
-    if tag is None:
-        return compute()
-    config = {"record": 2, "tag": tag, "bits": int(bits), "universal": option, "weights_sha256": digest.hexdigest(),
-              "skip_first_last": skip_first_last, "granularity": "channel", "tol": 1e-5, "max_iter": 1000}
-    return cached("sq_search_model", config, compute)
-
-
-def quantize_weights_sq(model: torch.nn.Module, bits: int, universal=5, first_last_bits: int = 8,
-                        searches: list[dict] | None = None, tag: str | None = None):
-    """Weight-only SQ of a model's conv/linear layers: a copy of the model and a per-layer report.
-
-    Every ``Conv2d``/``Linear`` weight except the first and last is replaced by its SQ
-    quantization (Algorithm 1 search via :func:`search_model`, then eq. 3); the first and last
-    use a symmetric uniform ``first_last_bits`` QPS with a per-channel max-abs scale, as the
-    paper keeps them at 8 bits. Nothing is folded (no BN folding, no activation quantization,
-    biases kept): model-level PTQ with folding and calibration is :mod:`lowbit.ptq`.
-    ``searches`` reuses a :func:`search_model` result; ``tag`` caches the search.
-    """
-    layers = weight_layers(model)
-    if searches is None:
-        searches = search_model(model, bits, universal, tag=tag)
-    by_name = {s["layer"]: s for s in searches}
-    qmodel = copy.deepcopy(model)
-    modules = dict(qmodel.named_modules())
-    report = []
-    for i, (name, _) in enumerate(layers):
-        mod = modules[name]
-        w = mod.weight.detach().to(torch.float64)
-        if i in (0, len(layers) - 1):
-            pts = uniform_points(first_last_bits)
-            amax = w.reshape(w.shape[0], -1).abs().amax(1)
-            scale = torch.where(amax > 0, amax / pts[-1], torch.ones_like(amax))
-            q = quantize_to_points(w, pts, scale, dim=0)
-            entry = {"layer": name, "bits": first_last_bits, "quantizer": "uniform", "points": pts.tolist()}
-        else:
-            found = by_name[name]
-            q = quantize_to_points(w, found["points"], torch.as_tensor(found["scale"], dtype=torch.float64), dim=0)
-            entry = {"layer": name, "bits": bits, "quantizer": "sq", "points": found["points"]}
-        err = float(((w - q) ** 2).sum())
-        entry.update(sq_error=err, energy=float((w * w).sum()), numel=int(w.numel()))
-        report.append(entry)
-        with torch.no_grad():
-            mod.weight.copy_(q.to(mod.weight.dtype))
-    return qmodel, report
-
-
 def candidate_losses_global(weight, bits: int, universal=5) -> np.ndarray:
     """Total loss of every candidate QPS (combinations order) when each channel uses the exact
     global-optimal scale (:func:`lowbit.scale.global_optimal_scale`) instead of the paper's
     fixed point: how much Algorithm 1 would change with a better scale (notebook 02). Plain
     loop; meant for small layers and bit widths."""
-    from .scale import global_optimal_scale
-
     rows = _rows(weight, "channel")
     qps = universal_set(universal)[qps_indices(universal, bits)]
     out = np.zeros(qps.shape[0])

@@ -13,13 +13,13 @@ from .cost import (ASSUMPTIONS, PAPER_HW_COST_4BIT, UNIT_GATES, cost_table, equi
                    shifter_design, sq_mac_cost, supp_table2_hw_rows, uniform_mac_cost)
 from .encode import SQDecoder, decode_sq, encode_sq, split_codes
 from .mac import (activation_qparams, dequantize_activation, im2col, mac_conv2d, mac_conv2d_reference,
-                  mac_linear, mac_linear_reference, quantize_activation, selection_matrices, shift_add_product)
+                  mac_linear, mac_linear_reference, activation_codes, selection_matrices, shift_add_product)
 from .terms import OPTIONS, TermSet, universal_terms, universal_values
 
 __all__ = [
     "ASSUMPTIONS", "PAPER_HW_COST_4BIT", "UNIT_GATES", "equivalent_uniform_bits", "supp_table2_hw_rows", "cost_table", "shifter_cost", "shifter_design", "sq_mac_cost",
     "uniform_mac_cost", "SQDecoder", "decode_sq", "encode_sq", "split_codes", "activation_qparams",
     "dequantize_activation", "im2col", "mac_conv2d", "mac_conv2d_reference", "mac_linear",
-    "mac_linear_reference", "quantize_activation", "selection_matrices", "shift_add_product", "OPTIONS", "TermSet",
+    "mac_linear_reference", "activation_codes", "selection_matrices", "shift_add_product", "OPTIONS", "TermSet",
     "universal_terms", "universal_values",
 ]

@@ -24,8 +24,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ...nn.fold_bn import fold_bn
+from ...nn.graph import quantizable_layers, set_module
+from ..model_search import search_model
+from ..search import search_qps
+
 from .encode import SQDecoder, decode_sq, encode_sq
-from .mac import (activation_qparams, dequantize_activation, mac_conv2d, mac_linear, quantize_activation,
+from .mac import (activation_qparams, dequantize_activation, mac_conv2d, mac_linear, activation_codes,
                   selection_matrices)
 
 MODES = ("int", "fake")
@@ -64,7 +69,7 @@ class ShiftAddLayer(nn.Module):
         self._selection = selection_matrices(self.codes, decoder)  # the decoder's output, computed once
 
     def quantize_input(self, x) -> torch.Tensor:
-        return quantize_activation(x, self.act_bits, self.act_scale, self.act_zero_point)
+        return activation_codes(x, self.act_bits, self.act_scale, self.act_zero_point)
 
     def _view(self, v, ndim):
         return v.view(1, -1, *([1] * (ndim - 2)))
@@ -115,23 +120,6 @@ def shift_add_layers(model: nn.Module) -> list[tuple[str, ShiftAddLayer]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, ShiftAddLayer)]
 
 
-def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, new)
-
-
-def _search_qps(weight, bits, option):
-    from ..search import search_qps
-
-    res = search_qps(weight, bits, universal=option, granularity="channel")
-    return res.points, res.scale
-
-
-def mac_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The Conv2d / Linear layers that go onto the MAC, in registration order."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-
-
 @torch.no_grad()
 def search_model_qps(model: nn.Module, weight_bits: int = 4, option=5, progress: bool = False) -> dict:
     """SQ Algorithm 1 on every Conv2d / Linear of the BN-folded ``model``.
@@ -139,18 +127,10 @@ def search_model_qps(model: nn.Module, weight_bits: int = 4, option=5, progress:
     Returns ``{layer: {"points": [...], "scale": [...]}}`` (JSON-able, for
     :func:`lowbit.results.cached`), one QPS per layer and one scale per output channel.
     """
-    from ..fold_bn import fold_bn
-
-    layers = mac_layers(fold_bn(model).to(torch.float64))
-    if progress:
-        from tqdm.auto import tqdm
-        layers = tqdm(layers, desc=f"QPS search ({weight_bits}-bit, option {option})")
-    out = {}
-    for name, layer in layers:
-        points, scale = _search_qps(layer.weight.detach().to(torch.float64), weight_bits, option)
-        out[name] = {"points": [float(p) for p in points],
-                     "scale": [float(v) for v in torch.as_tensor(scale, dtype=torch.float64).reshape(-1)]}
-    return out
+    searches = search_model(fold_bn(model).to(torch.float64), weight_bits, universal=option, skip_first_last=False,
+                            progress=progress)
+    return {r["layer"]: {"points": [float(p) for p in r["points"]], "scale": [float(v) for v in r["scale"]]}
+            for r in searches}
 
 
 @torch.no_grad()
@@ -166,11 +146,9 @@ def to_shift_add(model: nn.Module, calib_images: torch.Tensor, weight_bits: int 
     (asymmetric with a zero point where the input can be negative, i.e. the normalized image).
     The returned model is float64, in ``"int"`` mode.
     """
-    from ..fold_bn import fold_bn
-
     qps_fn = qps_fn or _search_qps
     folded = fold_bn(model).to(torch.float64).eval()
-    layers = mac_layers(folded)
+    layers = quantizable_layers(folded)
     table = qps_fn if isinstance(qps_fn, dict) else None
     if table is not None:
         missing = [n for n, _ in layers if n not in table]
@@ -205,7 +183,7 @@ def to_shift_add(model: nn.Module, calib_images: torch.Tensor, weight_bits: int 
             points, scale = qps_fn(w, weight_bits, option)
         codes, decoder = encode_sq(w, points, scale, option)
         a_scale, zp = activation_qparams(torch.tensor([lo[name], hi[name]]), act_bits)
-        _set_module(folded, name, ShiftAddLayer(layer, codes, decoder, layer.bias, act_bits, a_scale, zp, name))
+        set_module(folded, name, ShiftAddLayer(layer, codes, decoder, layer.bias, act_bits, a_scale, zp, name))
         wq = decode_sq(codes, decoder)
         report.append({"layer": name, "kind": type(layer).__name__, "shape": list(w.shape),
                        "points": [float(p) for p in decoder.points[0]],

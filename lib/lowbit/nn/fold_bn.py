@@ -1,6 +1,6 @@
 """Fold BatchNorm into the preceding convolution / linear layer (inference form).
 
-SQ quantizes the weights of the *folded* network (its code base is BRECQ's, whose
+SQ (Oh, Sim, Kim, Lee, ECCV 2022, sec. 4.1) quantizes the weights of the *folded* network (its code base is BRECQ's, whose
 ``fold_bn.py`` does the same; Jacob et al. CVPR 2018, sec. 3.2): for a conv with weight
 ``W`` (C_out, ...) and bias ``b`` followed by an eval-mode BN (``gamma``, ``beta``, running
 ``mu``, ``var``, ``eps``),
@@ -19,6 +19,8 @@ import warnings
 
 import torch
 import torch.nn as nn
+
+from .graph import set_module
 
 FOLDABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -65,12 +67,6 @@ def bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
         return _pairs_registration(model)
 
 
-def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, new)
-
-
 @torch.no_grad()
 def fold_layer_bn(layer: nn.Module, bn: nn.Module) -> None:
     """Fold eval-mode ``bn`` into ``layer`` in place (weight rescaled, bias created/updated)."""
@@ -103,5 +99,5 @@ def fold_bn(model: nn.Module) -> nn.Module:
     folded = copy.deepcopy(model).eval()
     for layer_name, bn_name in bn_pairs(folded):
         fold_layer_bn(folded.get_submodule(layer_name), folded.get_submodule(bn_name))
-        _set_module(folded, bn_name, nn.Identity())
+        set_module(folded, bn_name, nn.Identity())
     return folded

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..qps import _as_points, point_index
+from ...core.points import _as_points, point_index
 from .terms import TermSet, universal_terms
 
 

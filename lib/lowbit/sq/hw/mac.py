@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ...core.validation import check_bits
 from .encode import SQDecoder, _check_codes, split_codes
 
 ENGINES = ("auto", "float32", "float64", "int64")
@@ -55,14 +56,10 @@ def activation_qparams(x, bits: int = 8):
 
 
 def _check_act_bits(bits) -> int:
-    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)):
-        raise ValueError(f"activation bits must be an integer in [1, 16], got {bits!r}")
-    if not 1 <= int(bits) <= 16:
-        raise ValueError(f"activation bits must be in [1, 16], got {bits}")
-    return int(bits)
+    return check_bits(bits, "activation bits", hi=16, lo=1)  # unsigned codes: 1 bit is a valid width
 
 
-def quantize_activation(x, bits: int, scale: float, zero_point: int = 0) -> torch.Tensor:
+def activation_codes(x, bits: int, scale: float, zero_point: int = 0) -> torch.Tensor:
     """Unsigned linear quantization: ``clamp(round(x / scale) + zero_point, 0, 2**bits - 1)`` (int64)."""
     bits = _check_act_bits(bits)
     if not (float(scale) > 0 and math.isfinite(float(scale))):
@@ -83,7 +80,7 @@ def _check_activation(x_int) -> torch.Tensor:
     x = torch.as_tensor(x_int)
     if x.dtype.is_floating_point or x.is_complex() or x.dtype == torch.bool:
         raise ValueError(f"activations must be unsigned integers from linear quantization (an integer "
-                         f"dtype), got {x.dtype}: use lowbit.hw.quantize_activation first")
+                         f"dtype), got {x.dtype}: use lowbit.sq.hw.activation_codes first")
     x = x.to(torch.int64)
     if x.numel() and x.min() < 0:
         raise ValueError("activations must be unsigned integers (>= 0); shift signed data by a zero "

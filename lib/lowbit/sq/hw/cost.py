@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 
+from ...core.validation import check_bits
 from .terms import TermSet, universal_terms
 
 # unit-gate model (Tyagi 1993; Zimmermann 1997): cost of each cell in 2-input-gate units
@@ -76,15 +77,6 @@ def supp_table2_hw_rows(input_bits: int = 4, options=(1, 2, 3, 4, 5)) -> list[di
     return rows
 
 
-def _check_bits(name: str, bits, lo: int = 1, hi: int = 32) -> int:
-    if isinstance(bits, bool) or not isinstance(bits, int) and not hasattr(bits, "__index__"):
-        raise ValueError(f"{name} must be an integer number of bits in [{lo}, {hi}], got {bits!r}")
-    bits = int(bits)
-    if not lo <= bits <= hi:
-        raise ValueError(f"{name} must be in [{lo}, {hi}] bits, got {bits}")
-    return bits
-
-
 def mux_width(terms: TermSet, input_bits: int) -> int:
     """k of one shifter: input width plus its largest shift measured from 2**0."""
     exps = terms.nonzero_exponents
@@ -105,7 +97,7 @@ def shifter_cost(option, input_bits: int = 4) -> int:
     powers of two). Sum over MUX A and MUX B of ``k (M - 1)``. Options 1..5 at 4-bit input
     give 45, 51, 80, 108, 45.
     """
-    input_bits = _check_bits("input_bits", input_bits)
+    input_bits = check_bits(input_bits, "input_bits", hi=32, lo=1)
     A, B = universal_terms(option)
     return mux_cost(A, input_bits) + mux_cost(B, input_bits)
 
@@ -117,7 +109,7 @@ def shifter_design(option, input_bits: int = 4) -> list[dict]:
     ``x << 1`` for 2**1, ``0`` for the zero input); ``k``, ``M`` and ``mux_cost`` repeat the
     MUX-level numbers of the cost model on each of its rows.
     """
-    input_bits = _check_bits("input_bits", input_bits)
+    input_bits = check_bits(input_bits, "input_bits", hi=32, lo=1)
     rows = []
     for name, terms in zip(("A", "B"), universal_terms(option)):
         k, cost = mux_width(terms, input_bits), mux_cost(terms, input_bits)
@@ -145,9 +137,9 @@ def sq_mac_cost(option=5, weight_bits: int = 4, act_bits: int = 4, guard_bits: i
     See :data:`ASSUMPTIONS` for each term. ``weight_bits`` (sign + index) only sets the
     decoder (register and index MUX); the datapath depends on the term sets and ``act_bits``.
     """
-    weight_bits = _check_bits("weight_bits", weight_bits, 2, 16)
-    act_bits = _check_bits("act_bits", act_bits, 1, 32)
-    guard_bits = _check_bits("guard_bits", guard_bits, 0, 64)
+    weight_bits = check_bits(weight_bits, "weight_bits", hi=16, lo=2)
+    act_bits = check_bits(act_bits, "act_bits", hi=32, lo=1)
+    guard_bits = check_bits(guard_bits, "guard_bits", hi=64, lo=0)
     A, B = universal_terms(option)
     g = UNIT_GATES
     mux2 = mux_cost(A, act_bits) + mux_cost(B, act_bits)
@@ -172,9 +164,9 @@ def sq_mac_cost(option=5, weight_bits: int = 4, act_bits: int = 4, guard_bits: i
 
 def uniform_mac_cost(weight_bits: int = 4, act_bits: int = 4, guard_bits: int = 10) -> dict:
     """Unit-gate cost of one uniform-weight MAC: sign-magnitude array multiplier + sign + accumulator."""
-    weight_bits = _check_bits("weight_bits", weight_bits, 2, 16)
-    act_bits = _check_bits("act_bits", act_bits, 1, 32)
-    guard_bits = _check_bits("guard_bits", guard_bits, 0, 64)
+    weight_bits = check_bits(weight_bits, "weight_bits", hi=16, lo=2)
+    act_bits = check_bits(act_bits, "act_bits", hi=32, lo=1)
+    guard_bits = check_bits(guard_bits, "guard_bits", hi=64, lo=0)
     g = UNIT_GATES
     m = weight_bits - 1  # magnitude bits
     product_bits = m + act_bits

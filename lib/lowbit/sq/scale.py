@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..core.validation import as_points, as_weights, check_tol
+
 
 @dataclass
 class ScaleResult:
@@ -48,47 +50,6 @@ class ScaleResult:
     converged: bool
     history: list = field(default_factory=list)
     losses: list = field(default_factory=list)
-
-
-def as_weights(w, name: str = "w") -> np.ndarray:
-    """``w`` (torch tensor, numpy array or list) as a flat float64 array; checks it is usable."""
-    if isinstance(w, torch.Tensor):
-        arr = w.detach().to("cpu", torch.float64).numpy()
-    elif isinstance(w, (np.ndarray, list, tuple)) or np.isscalar(w):
-        try:
-            arr = np.asarray(w, dtype=np.float64)
-        except (TypeError, ValueError) as err:
-            raise TypeError(f"{name} must hold real numbers: {err}") from err
-    else:
-        raise TypeError(f"{name} must be a torch tensor or a numpy array, got {type(w).__name__}")
-    arr = arr.reshape(-1)
-    if arr.size == 0:
-        raise ValueError(f"{name} is empty: pass at least one weight")
-    if not np.isfinite(arr).all():
-        raise ValueError(f"{name} contains NaN or inf: clean the weights (e.g. torch.nan_to_num) first")
-    return arr
-
-
-def as_points(points) -> np.ndarray:
-    """A QPS as a sorted array of distinct, finite, non-negative float64 points."""
-    if isinstance(points, torch.Tensor):
-        points = points.detach().cpu().numpy()
-    try:
-        p = np.asarray(points, dtype=np.float64).reshape(-1)
-    except (TypeError, ValueError) as err:
-        raise TypeError(f"points must be numbers: {err}") from err
-    if p.size == 0:
-        raise ValueError("points is empty: a QPS needs at least one non-negative point")
-    if not np.isfinite(p).all() or (p < 0).any():
-        raise ValueError("points must be finite and non-negative (the QPS is mirrored for negative weights)")
-    return np.unique(p)
-
-
-def _check_tol(tol, max_iter):
-    if not (isinstance(tol, (int, float, np.floating)) and np.isfinite(tol) and tol >= 0):
-        raise ValueError(f"tol must be a finite number >= 0, got {tol!r}")
-    if isinstance(max_iter, bool) or not isinstance(max_iter, (int, np.integer)) or max_iter < 1:
-        raise ValueError(f"max_iter must be an int >= 1, got {max_iter!r}")
 
 
 def nearest_points(a: np.ndarray, p: np.ndarray, scale: float) -> np.ndarray:
@@ -124,7 +85,7 @@ def optimal_scale(w, points, tol: float = 1e-5, max_iter: int = 1000) -> ScaleRe
     """
     a = np.abs(as_weights(w))
     p = as_points(points)
-    _check_tol(tol, max_iter)
+    check_tol(tol, max_iter)
     amax, pmax = float(a.max()), float(p[-1])
     if amax == 0.0 or pmax == 0.0:
         loss = float(np.sum(a * a))

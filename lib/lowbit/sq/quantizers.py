@@ -36,30 +36,18 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .qps import quantize_to_points
+from ..core.points import quantize_rows, quantize_to_points
+from ..core.uniform import uniform_points
+from ..core.validation import check_bits
 
 METHODS = ("uniform", "log2", "two_word_log", "apot", "sq")
 GRANULARITIES = ("channel", "layer")
 
 
 # --------------------------------------------------------------------------- QPS builders
-def _check_bits(bits, lo: int = 2, hi: int = 16, what: str = "bits") -> int:
-    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)):
-        raise TypeError(f"{what} must be an int (e.g. 4), got {type(bits).__name__}")
-    if not lo <= int(bits) <= hi:
-        raise ValueError(f"{what} must be between {lo} and {hi}, got {bits}")
-    return int(bits)
-
-
-def uniform_points(bits: int) -> np.ndarray:
-    """Symmetric uniform QPS (SQ eq. 4): ``i / (N-1)``, ``i = 0..N-1``, ``N = 2^(bits-1)``."""
-    n = 2 ** (_check_bits(bits) - 1)
-    return np.arange(n, dtype=np.float64) / (n - 1)
-
-
 def log2_points(bits: int) -> np.ndarray:
     """Log-scale QPS (SQ eq. 5, positive side): ``{0} u {2^-i : i = 0..N-2}`` (N points)."""
-    n = 2 ** (_check_bits(bits) - 1)
+    n = 2 ** (check_bits(bits) - 1)
     return np.sort(np.concatenate([[0.0], 2.0 ** -np.arange(n - 1, dtype=np.float64)]))
 
 
@@ -79,7 +67,7 @@ def apot_points(bits: int) -> np.ndarray:
     Transcribes the official ``build_power_value(B, additive=True)`` with ``B = bits - 1``
     (sign bit excluded); ``B = 1`` gives ``{0, 1}``.
     """
-    b = _check_bits(bits, 2, 7, "APoT bits (2..7)") - 1
+    b = check_bits(bits, hi=7, lo=2, what="APoT bits (2..7)") - 1
     base_a, base_b, base_c = [0.0], [0.0], [0.0]
     if b == 1:
         base_a.append(1.0)
@@ -137,21 +125,6 @@ def _channel_view(w: torch.Tensor, granularity: str) -> torch.Tensor:
     if granularity == "layer" or w.ndim < 2:
         return w.reshape(1, -1)
     return w.reshape(w.shape[0], -1)
-
-
-def quantize_rows(rows: torch.Tensor, points, scale: torch.Tensor) -> torch.Tensor:
-    """Fast path of :func:`quantize_to_points` for ``(C, K)`` rows and a ``(C,)`` scale.
-
-    Divides by the scale and looks ``|w| / scale`` up in the *one* sorted list of mid-points
-    (``torch.bucketize``) instead of per-row thresholds; identical except possibly for
-    magnitudes within float rounding of a tie. Used inside the scale searches (hundreds of
-    calls); final weights always go through :func:`quantize_to_points`.
-    """
-    p = torch.as_tensor(np.unique(np.asarray(points, dtype=np.float64)), dtype=rows.dtype)
-    s = torch.as_tensor(scale, dtype=rows.dtype).reshape(-1, 1)
-    mids = (p[1:] + p[:-1]) / 2
-    idx = torch.bucketize(rows.abs() / s, mids, right=False)
-    return torch.sign(rows) * p[idx] * s
 
 
 def _row_mse(rows: torch.Tensor, points, scale: torch.Tensor) -> torch.Tensor:
@@ -251,13 +224,13 @@ def check_method(method, bits) -> None:
     if not isinstance(method, str) or method not in METHODS:
         raise ValueError(f"unknown quantizer method {method!r}: use one of {METHODS}")
     if method == "apot":
-        _check_bits(bits, 2, 7, "APoT bits (2..7)")
+        check_bits(bits, hi=7, lo=2, what="APoT bits (2..7)")
     elif method == "sq":
-        _check_bits(bits, 2, 4, "SQ bits (2..4; a 15-16 element universal set holds at most 16 points)")
+        check_bits(bits, hi=4, lo=2, what="SQ bits (2..4; a 15-16 element universal set holds at most 16 points)")
     elif method in ("log2", "two_word_log"):
-        _check_bits(bits, 2, 8, f"{method} bits (2..8)")
+        check_bits(bits, hi=8, lo=2, what=f"{method} bits (2..8)")
     else:
-        _check_bits(bits, 2, 16, "uniform bits (2..16)")
+        check_bits(bits, hi=16, lo=2, what="uniform bits (2..16)")
 
 
 def fit_quantizer(weight, method: str, bits: int, granularity: str = "channel",
@@ -291,8 +264,3 @@ def fit_quantizer(weight, method: str, bits: int, granularity: str = "channel",
     points = qps(method, bits)
     scale = fit_scale(w, points, granularity)
     return FittedQuantizer(method, int(bits), points, scale, granularity, {})
-
-
-def quantize_weight(weight, method: str, bits: int, granularity: str = "channel") -> torch.Tensor:
-    """``fit_quantizer(weight, method, bits, granularity)(weight)``: the quantized tensor."""
-    return fit_quantizer(weight, method, bits, granularity)(weight)

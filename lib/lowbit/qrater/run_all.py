@@ -54,8 +54,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .fold_bn import fold_bn
-from .ptq import QUANTIZABLE, module_calls, quantizable_layers
+from ..nn.fold_bn import fold_bn
+from ..nn.graph import QUANTIZABLE, module_calls, quantizable_layers
 
 OPS = ("clip", "round", "bias")
 SEARCHES = ("grid", "bo")
@@ -544,7 +544,7 @@ class _Runner:
 
 def balanced_subset(dataset, per_class: int = 20, seed: int = 0):
     """``per_class`` seeded random images of every class (the paper's 20 per class, appendix D)."""
-    from .data import TensorImageDataset, as_tensors
+    from ..data import TensorImageDataset, as_tensors
 
     if not isinstance(per_class, (int, np.integer)) or per_class < 1:
         raise ValueError(f"per_class must be a positive int, got {per_class!r}")
@@ -580,7 +580,7 @@ class QRaterResult:
 
 
 def _as_calib(calib):
-    from .data import as_tensors
+    from ..data import as_tensors
 
     if isinstance(calib, (tuple, list)) and len(calib) == 2:
         images, labels = calib
@@ -871,7 +871,7 @@ def incremental_accuracy(model: nn.Module, layers: list[dict], dataset, batch_si
                          example: torch.Tensor | None = None, counts=None) -> list[float]:
     """Test accuracy after quantizing layers ``1..k`` for ``k = 0..len(layers)`` (Figs. 6-8),
     or only for the layer counts ``k`` in ``counts`` (a coarser curve for a deep model)."""
-    from .evaluate import accuracy
+    from ..evaluate import accuracy
 
     counts = range(len(layers) + 1) if counts is None else counts
     for k in counts:
@@ -882,7 +882,7 @@ def incremental_accuracy(model: nn.Module, layers: list[dict], dataset, batch_si
 
 def _test_set(dataset: str, test_n: int | None):
     """The test split of ``dataset``, cut to its first ``test_n`` images (all if ``None``)."""
-    from .data import load_dataset
+    from ..data import load_dataset
 
     test = load_dataset(dataset, "test")
     if test_n is not None:
@@ -901,7 +901,7 @@ def experiment_curve(model_name: str, dataset: str, layers: list[dict], *, test_
     """
     import time
 
-    from .models import load_pretrained
+    from ..models import load_pretrained
 
     t0 = time.time()
     model = load_pretrained(model_name, dataset)
@@ -937,9 +937,9 @@ def experiment(model_name: str, dataset: str, w_bits: int | None, a_bits: int | 
     """
     import time
 
-    from .data import load_dataset
-    from .evaluate import accuracy, checkpoint_accuracy
-    from .models import load_pretrained
+    from ..data import load_dataset
+    from ..evaluate import accuracy, checkpoint_accuracy
+    from ..models import load_pretrained
 
     t0 = time.time()
     model = load_pretrained(model_name, dataset)

@@ -22,6 +22,8 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from ..core.validation import check_bits
+
 # SQ Table 1: option -> (A, B); powers of two are exact in float64, so sums are exact.
 OPTIONS: dict[int, tuple[tuple[float, ...], tuple[float, ...]]] = {
     1: ((2**-1, 2**-2, 2**-3, 0.0), (2**-1, 2**-2, 2**-4, 0.0)),
@@ -95,14 +97,6 @@ def set_size(option=CHOSEN_OPTION) -> int:
     return int(universal_set(option).size)
 
 
-def _check_bits(bits) -> int:
-    if isinstance(bits, (bool, np.bool_)) or not isinstance(bits, (int, np.integer)):
-        raise TypeError(f"bits must be an int >= 1, got {bits!r}")
-    if bits < 1:
-        raise ValueError(f"bits must be >= 1 (bits includes the sign bit), got {bits}")
-    return int(bits)
-
-
 def max_bits(option=CHOSEN_OPTION) -> int:
     """The largest bit width whose N = 2**(bits-1) points fit in S_U."""
     return int(math.floor(math.log2(set_size(option)))) + 1
@@ -110,7 +104,7 @@ def max_bits(option=CHOSEN_OPTION) -> int:
 
 def qps_size(bits: int) -> int:
     """N = 2**(bits-1): non-negative points in a ``bits``-bit QPS (sign bit included)."""
-    return 2 ** (_check_bits(bits) - 1)
+    return 2 ** (check_bits(bits, "SQ bits", hi=64) - 1)
 
 
 def check_fits(option, bits: int) -> int:

@@ -1,0 +1,191 @@
+"""SQ's final optimisation: per-layer output reconstruction with the layer's own QPS.
+
+Oh, Sim, Kim, Lee, *Non-Uniform Step Size Quantization for Accurate Post-Training Quantization*
+(SQ, ECCV 2022), sec. 4.1 "final optimization" (supplement Table 2 last row): with the calibration
+set, re-fit each layer's per-channel scales (weights re-map to other points of the *same* QPS)
+to minimise the reconstruction error of the layer's output, then choose per weight between its
+two neighbouring QPS points (AdaRound-style up/down rounding, Nagel, Amjad, van Baalen, Louizos,
+Blankevoort, *Up or Down? Adaptive Rounding for Post-Training Quantization*, ICML 2020) by exact
+coordinate descent on the same quadratic. Layers are processed in order and each sees the inputs
+produced by the already-quantized layers before it (as in AdaRound/BRECQ).
+
+For output channel ``c`` with FP weight row ``w`` and quantized row ``q``, inputs ``X_q``
+(quantized network) and ``X`` (FP network), unfolded to rows:
+``||X_q q - X w||^2 = q^T G q - 2 q^T C w + const`` with ``G = X_q^T X_q``, ``C = X_q^T X``.
+Output channels decouple, so every channel's scale and rounding are optimised exactly against
+these two Gram matrices, accumulated once per layer (:func:`gram`; plain reference
+:func:`gram_reference`, tested equal).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..core.points import quantize_rows, quantize_to_points
+from ..nn.calibration import layer_inputs
+from ..nn.im2col import layer_rows, n_rows, rows_at
+
+REFINE_MODES = ("scale", "scale+round")
+
+
+@torch.no_grad()
+def gram(qmodel, qlayer, fp_model, fp_layer, x, max_rows: int, seed: int, batch_size: int, fp_inputs=None):
+    """``G = X_q^T X_q`` and ``C = X_q^T X_fp`` (float64) over (subsampled) input rows.
+
+    ``fp_inputs``: the FP layer's input batches if already captured (:func:`lowbit.nn.calibration.all_layer_inputs`);
+    rows are subsampled by gathering them (:func:`lowbit.nn.im2col.rows_at`), same rows as ``layer_rows(..)[idx]``.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    n_batches = max(1, -(-len(x) // batch_size))
+    per_batch = max(1, max_rows // n_batches)
+    g = c = None
+    rows_used = 0
+    fp_iter = iter(fp_inputs) if fp_inputs is not None else layer_inputs(fp_model, fp_layer, x, batch_size)
+    for xq, xf in zip(layer_inputs(qmodel, qlayer, x, batch_size), fp_iter):
+        n = n_rows(qlayer, xq)
+        if n > per_batch:
+            idx = torch.randperm(n, generator=gen)[:per_batch]
+            rq, rf = rows_at(qlayer, xq, idx), rows_at(fp_layer, xf, idx)
+        else:
+            rq, rf = layer_rows(qlayer, xq), layer_rows(fp_layer, xf)
+        gb, cb = (rq.T @ rq).double(), (rq.T @ rf).double()  # float32 products, float64 sums
+        g = gb if g is None else g + gb
+        c = cb if c is None else c + cb
+        rows_used += len(rq)
+    return g / rows_used, c / rows_used, rows_used
+
+
+@torch.no_grad()
+def gram_reference(qmodel, qlayer, fp_model, fp_layer, x, max_rows: int, seed: int, batch_size: int):
+    """Plain reference of :func:`gram`: full im2col of both inputs, then subsample the rows."""
+    gen = torch.Generator().manual_seed(seed)
+    n_batches = max(1, -(-len(x) // batch_size))
+    per_batch = max(1, max_rows // n_batches)
+    g = c = None
+    rows_used = 0
+    for xq, xf in zip(layer_inputs(qmodel, qlayer, x, batch_size), layer_inputs(fp_model, fp_layer, x, batch_size)):
+        rq, rf = layer_rows(qlayer, xq), layer_rows(fp_layer, xf)
+        if len(rq) > per_batch:
+            idx = torch.randperm(len(rq), generator=gen)[:per_batch].to(rq.device)
+            rq, rf = rq[idx], rf[idx]
+        gb, cb = (rq.T @ rq).double(), (rq.T @ rf).double()
+        g = gb if g is None else g + gb
+        c = cb if c is None else c + cb
+        rows_used += len(rq)
+    return g / rows_used, c / rows_used, rows_used
+
+
+def _recon_loss(q: torch.Tensor, g: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-row ``q^T G q - 2 q^T b`` for rows ``q`` (C, K), ``b = W C^T`` (C, K)."""
+    return ((q @ g) * q).sum(1) - 2 * (q * b).sum(1)
+
+
+def refine_scales(w: torch.Tensor, points, scale: torch.Tensor, g: torch.Tensor, cw: torch.Tensor,
+                  multipliers=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel scale search minimising the output reconstruction error (SQ final opt.).
+
+    ``w`` (C, K) FP rows, ``scale`` (C,), ``cw = w @ C^T``. Each channel tries
+    ``scale * m`` for every multiplier ``m`` (default ``0.5 .. 1.5``, 51 values, incl. 1) with
+    nearest-point rounding and keeps the best. Returns ``(scale, loss)`` (C,).
+    """
+    if multipliers is None:
+        multipliers = torch.linspace(0.5, 1.5, 51, dtype=torch.float64)
+    best_s = scale.clone()
+    best_l = _recon_loss(quantize_rows(w, points, best_s), g, cw)
+    for m in multipliers:
+        s = scale * m
+        loss = _recon_loss(quantize_rows(w, points, s), g, cw)
+        better = loss < best_l
+        best_s, best_l = torch.where(better, s, best_s), torch.where(better, loss, best_l)
+    return best_s, best_l
+
+
+def refine_rounding(w: torch.Tensor, points, scale: torch.Tensor, g: torch.Tensor, cw: torch.Tensor,
+                    sweeps: int = 3) -> torch.Tensor:
+    """Choose each weight's point among its two QPS neighbours to minimise the layer loss.
+
+    AdaRound's up/down choice (Nagel et al. 2020) generalised to any QPS and solved by exact
+    coordinate descent on ``q^T G q - 2 q^T C w`` (all channels at once, ``sweeps`` passes
+    over the K inputs). Starts from nearest rounding; the loss never increases. Returns the
+    quantized rows (C, K), every entry in ``{+-scale_c * p}``.
+    """
+    p = torch.as_tensor(np.unique(np.asarray(points, dtype=np.float64)), dtype=w.dtype)
+    s = scale.reshape(-1, 1)
+    u = w.abs() / s  # (C, K)
+    lo_idx = (torch.searchsorted(p, u.contiguous(), right=True) - 1).clamp(0, len(p) - 1)
+    hi_idx = (lo_idx + 1).clamp(max=len(p) - 1)
+    sign = torch.sign(w)
+    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+    cand_lo, cand_hi = sign * s * p[lo_idx], sign * s * p[hi_idx]
+    q = quantize_to_points(w, p, scale, dim=0)
+    gq = q @ g  # (C, K)
+    diag = torch.diagonal(g)
+    for _ in range(sweeps):
+        changed = 0
+        for k in range(w.shape[1]):
+            cur = q[:, k]
+            alt = torch.where(cur == cand_lo[:, k], cand_hi[:, k], cand_lo[:, k])
+            d = alt - cur
+            delta = d * d * diag[k] + 2 * d * (gq[:, k] - cw[:, k])
+            take = (delta < -1e-12 * diag[k] * s[:, 0] ** 2) & (d != 0)
+            if take.any():
+                d = torch.where(take, d, torch.zeros_like(d))
+                q[:, k] = cur + d
+                gq += d[:, None] * g[k][None, :]
+                changed += int(take.sum())
+        if changed == 0:
+            break
+    return q
+
+
+@torch.no_grad()
+def refine_layer(qmodel: nn.Module, name: str, fp_model: nn.Module, x: torch.Tensor,
+                 mode: str = "scale+round", max_rows: int = 16384, seed: int = 0,
+                 batch_size: int = 256, fp_inputs=None) -> dict:
+    """SQ's final optimisation for one quantized layer ``name`` of ``qmodel`` (in place).
+
+    Inputs come from ``qmodel`` (earlier layers already quantized), targets from the FP
+    folded ``fp_model`` (or ``fp_inputs``, the FP layer's input batches from
+    :func:`all_layer_inputs`). Returns ``{"loss_drop", "rows", "mode"}``: how much the summed
+    per-channel output reconstruction error (mean over the ``rows`` input rows) went down.
+    """
+    if mode not in REFINE_MODES:
+        raise ValueError(f"refine mode must be one of {REFINE_MODES}, got {mode!r}")
+    layer = qmodel.get_submodule(name)
+    fp_layer = fp_model.get_submodule(name)
+    if isinstance(layer, nn.Conv2d) and layer.groups != 1:
+        return {"skipped": "grouped convolution"}
+    g, c, rows = gram(qmodel, layer, fp_model, fp_layer, x, max_rows, seed, batch_size, fp_inputs)
+    w = layer.weight_fp.double().reshape(layer.weight_fp.shape[0], -1)  # (C, K)
+    fq = layer.quantizer
+    points = np.asarray(fq.points, dtype=np.float64)
+    scale = torch.as_tensor(fq.scale, dtype=torch.float64)
+    per_layer = scale.ndim == 0
+    scale_c = scale.expand(w.shape[0]).clone() if per_layer else scale.clone()
+    cw = w @ c.T  # (C, K)
+    q0 = layer.weight.double().reshape(w.shape)
+    before = _recon_loss(q0, g, cw)
+    if per_layer:  # one scale for the layer: search on the summed loss
+        best = (float(before.sum()), scale_c[0].clone())
+        for m in torch.linspace(0.5, 1.5, 51, dtype=torch.float64):
+            s = scale_c[0] * m
+            loss = float(_recon_loss(quantize_rows(w, points, s.expand(w.shape[0])), g, cw).sum())
+            if loss < best[0]:
+                best = (loss, s)
+        scale_c = best[1].expand(w.shape[0]).clone()
+    else:
+        scale_c, _ = refine_scales(w, points, scale_c, g, cw)
+    q = quantize_to_points(w, points, scale_c, dim=0)
+    if mode == "scale+round":
+        q = refine_rounding(w, points, scale_c, g, cw)
+    after = _recon_loss(q, g, cw)
+    if after.sum() > before.sum():  # keep the better of the two (never make it worse)
+        q, after = q0, before
+    else:
+        fq.scale = scale_c[0].clone() if per_layer else scale_c
+    layer.set_quantized_weight(q.to(layer.weight_fp.dtype))
+    # the objective is known up to a per-channel constant (w^T X^T X w): report the drop
+    info = {"loss_drop": float((before - after).sum()), "rows": rows, "mode": mode}
+    layer.refine_info = info
+    return info
