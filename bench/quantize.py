@@ -1,8 +1,8 @@
 """Benchmark: the shared quantizer (nearest point of a QPS times a scale, SQ eq. 3) vs its reference.
 
-``lowbit.qps.quantize_to_points`` (the fast path every quantizer in lowbit uses: the magnitudes
+``lowbit.core.points.quantize_to_points`` (the fast path every quantizer in lowbit uses: the magnitudes
 are compared with the N-1 scaled mid-points by ``searchsorted``) against
-``lowbit.qps.quantize_to_points_reference`` (argmin of |w - q| over every point, an N-times
+``lowbit.core.points.quantize_to_points_reference`` (argmin of |w - q| over every point, an N-times
 larger tensor). Weights: every conv of a random-init torchvision resnet18 (the cost does not
 depend on the values), per-output-channel scales, QPS of 2, 4 and 6 bits (N = 2, 8, 32 points:
 SQ option 5 at 4 bits, uniform at 2 and 6 bits), in float64, the precision the reference

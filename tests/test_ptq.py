@@ -145,7 +145,7 @@ def test_refine_rounding_is_a_local_optimum_and_never_worse():
     g, cw = x.T @ x / 200, w @ (x.T @ x / 200).T
     p, s = qps("uniform", 2 + 1), torch.full((3,), 0.6, dtype=torch.float64)
     loss = lambda q: ((q @ g) * q).sum(1) - 2 * (q * cw).sum(1)  # noqa: E731
-    nearest = lowbit.qps.quantize_to_points(w, p, s, dim=0)
+    nearest = lowbit.core.points.quantize_to_points(w, p, s, dim=0)
     q = lowbit.sq.refine.refine_rounding(w, p, s, g, cw, sweeps=10)
     assert (loss(q) <= loss(nearest) + 1e-12).all()
     # reference check: no single entry can move to its other QPS neighbour and lower the loss

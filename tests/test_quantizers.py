@@ -6,6 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import lowbit
 from lowbit.sq import quantizers as Q
 from lowbit.core.points import quantize_to_points
 

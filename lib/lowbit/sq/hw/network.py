@@ -120,6 +120,12 @@ def shift_add_layers(model: nn.Module) -> list[tuple[str, ShiftAddLayer]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, ShiftAddLayer)]
 
 
+def _search_qps(weight, bits, option):
+    """SQ Algorithm 1 (:func:`lowbit.sq.search.search_qps`) on one weight: ``(points, scale)``."""
+    res = search_qps(weight, bits, universal=option, granularity="channel")
+    return res.points, res.scale
+
+
 @torch.no_grad()
 def search_model_qps(model: nn.Module, weight_bits: int = 4, option=5, progress: bool = False) -> dict:
     """SQ Algorithm 1 on every Conv2d / Linear of the BN-folded ``model``.

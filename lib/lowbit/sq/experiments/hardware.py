@@ -1,0 +1,45 @@
+"""What notebook 04 runs: SQ's shift-add MAC (Fig. 4) on our trained networks, checked end to end.
+
+Oh, Sim, Kim, Lee, *Non-Uniform Step Size Quantization for Accurate Post-Training Quantization*
+(SQ, ECCV 2022, doi:10.1007/978-3-031-20083-0_39), Fig. 4: the integer network (shifts, adds and
+sign flips only, :mod:`lowbit.sq.hw.network`) against the same fake-quantized float network and
+the FP model, on the test set.
+"""
+from __future__ import annotations
+
+import torch
+
+from ... import models as model_zoo
+from ..hw import network
+
+
+@torch.no_grad()
+def fp_accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, batch: int = 500) -> float:
+    """Top-1 fraction of the FP ``model`` on ``images`` (in batches)."""
+    correct = sum(int((model(images[s:s + batch]).argmax(1) == labels[s:s + batch]).sum())
+                  for s in range(0, len(images), batch))
+    return correct / len(images)
+
+
+def integer_vs_fake_logits(fp_model, hw_model, images: torch.Tensor, labels: torch.Tensor, batch: int = 250,
+                           progress: bool = False) -> dict:
+    """:func:`lowbit.sq.hw.network.compare_logits` of the integer network plus the FP model's top-1."""
+    out = network.compare_logits(hw_model, images, labels, batch=batch, progress=progress)
+    out["accuracy_fp"] = fp_accuracy(fp_model, images, labels)
+    return out
+
+
+def lenet_shift_add_check(calib_images: torch.Tensor, images: torch.Tensor, labels: torch.Tensor, n_exact: int,
+                          weight_bits: int, act_bits: int, option, qps=None) -> dict:
+    """The whole Fig. 4 check on LeNet-5 / Fashion-MNIST: every layer's accumulator against the fake-quant
+    float layer on ``n_exact`` images, then logits and top-1 on ``images``. ``qps``: a fixed QPS function
+    (smoke profile) or ``None`` to search (Algorithm 1)."""
+    lenet = model_zoo.load_pretrained("lenet5", "fashion-mnist")
+    q = network.search_model_qps(lenet, weight_bits, option) if qps is None else qps
+    lenet_hw, _ = network.to_shift_add(lenet, calib_images, weight_bits=weight_bits, act_bits=act_bits,
+                                       option=option, qps_fn=q)
+    exact = network.layer_exactness(lenet_hw, images[:n_exact])
+    out = integer_vs_fake_logits(lenet, lenet_hw, images, labels, batch=1000)
+    out.update(layers=len(exact), layers_exact=sum(r["exact_acc"] for r in exact),
+               worst_rel_layer_diff=max(r["max_abs_diff"] / max(r["max_abs_output"], 1e-300) for r in exact))
+    return out
