@@ -1,9 +1,10 @@
 """Simulated weight quantizers defined by their quantization point set (QPS).
 
-SQ paper (001_ab6a87911af615e3.txt, sec. 3.2): every quantizer is "nearest point of a QPS
+SQ (Oh, Sim, Kim, Lee, *Non-Uniform Step Size Quantization for Accurate Post-Training Quantization*,
+ECCV 2022, doi:10.1007/978-3-031-20083-0_39), sec. 3.2: every quantizer is "nearest point of a QPS
 times a scale" (eq. 3); quantizers differ only in the QPS. Each QPS here is the set of
 *non-negative, unscaled* points ``p`` with ``max(p) = 1``; the quantizer's levels are
-``{+-scale * p}`` and the one shared nearest-point rule is :func:`lowbit.qps.quantize_to_points`.
+``{+-scale * p}`` and the one shared nearest-point rule is :func:`lowbit.core.points.quantize_to_points`.
 
 =================  =========================================================================
 ``"uniform"``      eq. 4, symmetric: ``p = i / (N-1), i = 0..N-1`` (2N-1 levels; the extra
@@ -19,7 +20,7 @@ times a scale" (eq. 3); quantizers differ only in the QPS. Each QPS here is the 
                    excluded, as APoT does for weights): ``2^B`` points. ``B = 1`` (2-bit) is
                    undefined upstream; we use the only 2-point set ``{0, 1}`` (ternary).
 ``"sq"``           subset quantization, eq. 7: the QPS (``N`` points of a universal set) and
-                   per-channel scales found by :func:`lowbit.search.search_qps` (Algorithm 1,
+                   per-channel scales found by :func:`lowbit.sq.search.search_qps` (Algorithm 1,
                    eqs. 8-10); one QPS per layer, one scale per output channel (SQ sec. 4.2).
 =================  =========================================================================
 
@@ -238,7 +239,7 @@ def fit_quantizer(weight, method: str, bits: int, granularity: str = "channel",
     """Fit ``method`` at ``bits`` to ``weight`` (per output channel or per layer).
 
     Fixed-QPS methods get their QPS from :func:`qps` and an MSE scale from :func:`fit_scale`;
-    ``"sq"`` calls :func:`lowbit.search.search_qps` (SQ Algorithm 1) for one QPS per layer
+    ``"sq"`` calls :func:`lowbit.sq.search.search_qps` (SQ Algorithm 1) for one QPS per layer
     and its per-channel (or per-layer) scales.
     """
     check_method(method, bits)

@@ -1,7 +1,8 @@
 """Hardware for SQ: bit-exact shift-add MAC simulator and the MUX/shifter cost model.
 
-SQ paper (001_ab6a87911af615e3.txt) Sec. 3.5 and Fig. 4; supplement (000_78fd3e0a063562c7.txt)
-Sec. 1, Table 2 (relative HW cost) and Fig. 2 (shifter designs).
+SQ (Oh, Sim, Kim, Lee, *Non-Uniform Step Size Quantization for Accurate Post-Training Quantization*,
+ECCV 2022, doi:10.1007/978-3-031-20083-0_39), Sec. 3.5 and Fig. 4;
+its supplementary material, Sec. 1, Table 2 (relative HW cost) and Fig. 2 (shifter designs).
 
 * :mod:`.terms`: term sets A, B of SQ Table 1 as MUX cases.
 * :mod:`.cost`: ``shifter_cost`` (k(M-1) model), ``shifter_design`` (Fig. 2), ``cost_table``.

@@ -1,7 +1,8 @@
 """Hardware cost of SQ's shift-add multiplier and MAC, and of a uniform-weight MAC.
 
-Supplement (000_78fd3e0a063562c7.txt), Sec. 1 and Fig. 2: the multiplier of SQ minus its
-adder ("the shifters part") is two MUXes, one per term set A and B of Table 1, whose inputs
+SQ's supplementary material (Oh, Sim, Kim, Lee, *Non-Uniform Step Size Quantization for Accurate
+Post-Training Quantization*, ECCV 2022, doi:10.1007/978-3-031-20083-0_39), Sec. 1 and Fig. 2: the
+multiplier of SQ minus its adder ("the shifters part") is two MUXes, one per term set A and B of Table 1, whose inputs
 are constant-shifted copies of the activation x (wires, no gates) plus a constant zero.
 Cost model: a k-bit M-to-1 MUX costs ``k (M - 1)`` (the number of 1-bit 2-to-1 MUXes);
 M is the number of cases including zero; k is the width of x plus that shifter's largest

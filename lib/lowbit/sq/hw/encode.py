@@ -1,7 +1,8 @@
 """Weight encoding for SQ's MAC: integer codes plus the per-layer decoder table.
 
-SQ paper (001_ab6a87911af615e3.txt), Sec. 3.5 and Fig. 4: a b-bit weight is a sign bit and a
-(b-1)-bit index into the quantization point set (QPS, N = 2**(b-1) points). Every point is
+SQ (Oh, Sim, Kim, Lee, *Non-Uniform Step Size Quantization for Accurate Post-Training Quantization*,
+ECCV 2022, doi:10.1007/978-3-031-20083-0_39), Sec. 3.5 and Fig. 4: a b-bit weight is a sign bit
+and a (b-1)-bit index into the quantization point set (QPS, N = 2**(b-1) points). Every point is
 ``a + b`` with ``a`` in term set A and ``b`` in term set B (Table 1), so the decoder turns an
 index into the select lines of MUX A and MUX B. The decoder is a register of
 ``N x (select bits of A + select bits of B)`` bits shared by the layer (16 bits = 4 x 4 bits
@@ -10,7 +11,7 @@ for the paper's 3-bit, option-5 case) plus an N-to-1 MUX.
 Code layout: ``code = (sign << index_bits) | index``, ``index`` into the sorted distinct
 points, ``sign = 1`` for a negative weight (a weight that maps to the point 0 gets sign 0).
 The index is the nearest point of ``{+-scale * p}`` (SQ eq. 3) from the shared quantizer
-:func:`lowbit.qps.point_index`, ties to the smaller point.
+:func:`lowbit.core.points.point_index`, ties to the smaller point.
 
 Bit-exact integers: with ``e_min`` the smallest exponent in A and B, each non-zero term
 ``2**e`` is the left shift ``e - e_min`` of ``x`` and each point is
@@ -144,7 +145,7 @@ def encode_sq(weight, points, scale, option=5):
 
     A weight exactly 0 is coded as the smallest point with sign 0 when 0 is not in the QPS
     (the hardware has no zero code then); everywhere else ``decode_sq(codes)`` equals
-    ``lowbit.qps.quantize_to_points(weight, points, scale)``.
+    ``lowbit.core.points.quantize_to_points(weight, points, scale)``.
     """
     w = _check_weight(weight)
     A, B = universal_terms(option)

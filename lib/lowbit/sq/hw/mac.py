@@ -1,4 +1,7 @@
-"""Bit-exact simulator of SQ's shift-add MAC (SQ paper 001_ab6a87911af615e3.txt, Sec. 3.5, Fig. 4).
+"""Bit-exact simulator of SQ's shift-add MAC.
+
+SQ (Oh, Sim, Kim, Lee, *Non-Uniform Step Size Quantization for Accurate Post-Training Quantization*,
+ECCV 2022, doi:10.1007/978-3-031-20083-0_39), Sec. 3.5, Fig. 4.
 
 Datapath of one multiply: the activation ``x`` (unsigned integer from linear quantization)
 fans out to constant-shifted copies ``x << s`` (wires); MUX A and MUX B, driven by the

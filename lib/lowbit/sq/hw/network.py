@@ -1,7 +1,8 @@
 """A whole network on SQ's shift-add MAC, beside its fake-quantized float twin.
 
-SQ paper (001_ab6a87911af615e3.txt), Sec. 3.5 / Fig. 4: weights are SQ codes (eq. 3, eq. 7),
-activations are linear-quantized unsigned integers, and every conv / linear layer is a MAC
+SQ (Oh, Sim, Kim, Lee, *Non-Uniform Step Size Quantization for Accurate Post-Training Quantization*,
+ECCV 2022, doi:10.1007/978-3-031-20083-0_39), Sec. 3.5 / Fig. 4: weights are SQ codes (eq. 3,
+eq. 7), activations are linear-quantized unsigned integers, and every conv / linear layer is a MAC
 array of shifts, adds and sign flips. Scale factors live outside the MAC ("implemented as
 part of the succeeding layer", Sec. 3.1): a layer's float output is
 

@@ -1,8 +1,9 @@
 """Term sets A and B of SQ's universal set, as the hardware sees them.
 
-SQ paper (001_ab6a87911af615e3.txt), Sec. 3.4 and Table 1: ``S_U = {a + b : a in A, b in B}``
-where every term is zero or a power of two. In hardware (Sec. 3.5, Fig. 4; supplement
-000_78fd3e0a063562c7.txt, Fig. 2) term set A is the list of inputs of MUX A and term set B
+SQ (Oh, Sim, Kim, Lee, *Non-Uniform Step Size Quantization for Accurate Post-Training Quantization*,
+ECCV 2022, doi:10.1007/978-3-031-20083-0_39), Sec. 3.4 and Table 1:
+``S_U = {a + b : a in A, b in B}`` where every term is zero or a power of two. In hardware (Sec. 3.5, Fig. 4;
+supplementary Fig. 2) term set A is the list of inputs of MUX A and term set B
 the inputs of MUX B; each non-zero input is a constant-shifted copy of the activation (wires)
 and the zero input is a constant 0.
 
