@@ -6,9 +6,10 @@ Oh, Sim, Kim, Lee, *Non-Uniform Step Size Quantization for Accurate Post-Trainin
 * BatchNorm is folded into the preceding conv before the weights are quantized
   (:func:`lowbit.nn.fold_bn.fold_bn`);
 * the first conv and the last linear layer are at ``first_last_bits`` (8) uniform, with the same
-  MSE-fitted per-channel scale as every fixed-QPS method (:func:`lowbit.sq.quantizers.fit_scale`:
-  the one first/last rule of lowbit; at 8 bits it clips less than 0.1 % of the weights' range
-  and gives a lower weight error than max-abs scaling);
+  MSE-fitted per-channel scale as every fixed-QPS method (:func:`lowbit.sq.quantizers.fit_scale`).
+  This is the one first/last rule of lowbit (notebook 01's weight-only rows use it too): its grid
+  starts at the max-abs scale and keeps a candidate only when it lowers the MSE, so its weight
+  error is never above max-abs scaling's, and one rule means one code path for every table;
 * every other conv/linear weight is quantized with one of the QPS quantizers of
   :mod:`lowbit.sq.quantizers` (SQ eq. 3 with the QPS of eqs. 4-7), per output channel;
 * activations (Table 3) are quantized uniformly per layer, unsigned after each ReLU, with a
