@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm  # plain bars: tqdm.auto warns in notebooks without ipywidgets
 
 from ..nn.graph import quantizable_layers
 from ..results import cached
