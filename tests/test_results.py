@@ -1,10 +1,10 @@
-"""Result cache: atomic writes, corruption detection, FORCE, profile override."""
+"""Result cache: atomic writes, corruption detection, FORCE, read-through to the committed caches."""
 import json
 import os
 
 import pytest
 
-from lowbit import profiles, results
+from lowbit import results
 
 
 def test_cache_roundtrip_and_key(out_dir):
@@ -58,27 +58,6 @@ def test_interrupted_write_leaves_previous_file(out_dir, monkeypatch):
         results.save_result("w", {"k": 0}, {"v": "new" * 1000})
     assert path.read_bytes() == before
     assert [p.name for p in path.parent.iterdir() if p.name.endswith(".tmp")] == []
-
-
-def test_profile_override(monkeypatch):
-    monkeypatch.delenv("LOWBIT_PROFILE", raising=False)
-    assert profiles.resolve("default") == "default"
-    assert profiles.resolve("paper") == "paper"
-    monkeypatch.setenv("LOWBIT_PROFILE", "smoke")
-    assert profiles.resolve("default") == "smoke"
-    assert profiles.pick("smoke", smoke=1, default=2, paper=3) == 1
-    monkeypatch.setenv("LOWBIT_PROFILE", "huge")
-    with pytest.raises(ValueError, match="unknown profile"):
-        profiles.resolve("default")
-    with pytest.raises(TypeError, match="missing"):
-        profiles.pick("smoke", smoke=1)
-
-
-def test_output_dir_redirects_writes(out_dir):
-    from lowbit import paths
-
-    assert paths.derived_dir() == out_dir / "derived"
-    assert paths.figures_dir() == out_dir / "figures"
 
 
 def test_seed_all_reproducible():
