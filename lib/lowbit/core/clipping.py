@@ -3,7 +3,7 @@
 The conventional baselines that Q-Rater (Kim, Lee et al., *Q-Rater: Non-Convex Optimization for
 Post-Training Uniform Quantization*, arXiv:2105.01868, Table 1) compares with, and the MSE step
 calibration of SQ's activation quantizer (Oh, Sim, Kim, Lee, *Non-Uniform Step Size Quantization
-for Accurate Post-Training Quantization*, ECCV 2022, sec. 4.2):
+for Accurate Post-Training Quantization*, ECCV 2022, doi:10.1007/978-3-031-20083-0_39, sec. 4.2):
 
 * ``"max"``: no clipping, ``max|x|``;
 * ``"mse"``: the threshold among a grid of fractions of ``max|x|`` minimising

@@ -1,7 +1,7 @@
 """The one shared simulated quantizer: nearest point of a symmetric QPS times a scale.
 
 Oh, Sim, Kim, Lee, *Non-Uniform Step Size Quantization for Accurate Post-Training Quantization*
-(Subset Quantization, ECCV 2022), eq. 3: ``Q(w) = argmin_{q in S_Q(alpha)} |w - q|`` with
+(Subset Quantization, ECCV 2022, doi:10.1007/978-3-031-20083-0_39), eq. 3: ``Q(w) = argmin_{q in S_Q(alpha)} |w - q|`` with
 ``S_Q(alpha) = {+-alpha * p : p in QPS}``. Because the set is symmetric,
 ``Q(w) = sign(w) * alpha * p*`` where ``p*`` is the point nearest to ``|w| / alpha``.
 Every quantizer in lowbit (uniform eq. 4, log eq. 5, two-word log eq. 6, APoT, subset eq. 7)

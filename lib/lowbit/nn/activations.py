@@ -1,7 +1,7 @@
 """Uniform activation quantizers: one MSE-calibrated step per layer, attached after each ReLU.
 
-SQ (Oh, Sim, Kim, Lee, *Non-Uniform Step Size Quantization for Accurate Post-Training Quantization* (Subset Quantization, SQ), ECCV 2022, sec. 4.2, Table 3) quantizes activations
-uniformly per layer, unsigned after each ReLU, with a step calibrated on a calibration set; the
+SQ (Oh, Sim, Kim, Lee, *Non-Uniform Step Size Quantization for Accurate Post-Training Quantization*,
+ECCV 2022, doi:10.1007/978-3-031-20083-0_39, sec. 4.2, Table 3) quantizes activations uniformly per layer, unsigned after each ReLU, with a step calibrated on a calibration set; the
 grid is :mod:`lowbit.core.uniform`, the step search :func:`lowbit.core.clipping.mse_step_index`.
 """
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Fold BatchNorm into the preceding convolution / linear layer (inference form).
 
-SQ (Oh, Sim, Kim, Lee, ECCV 2022, sec. 4.1) quantizes the weights of the *folded* network (its code base is BRECQ's, whose
-``fold_bn.py`` does the same; Jacob et al. CVPR 2018, sec. 3.2): for a conv with weight
+SQ (Oh, Sim, Kim, Lee, *Non-Uniform Step Size Quantization for Accurate Post-Training Quantization*,
+ECCV 2022, doi:10.1007/978-3-031-20083-0_39, sec. 4.1) quantizes the weights of the *folded* network
+(its code base is BRECQ's, whose ``fold_bn.py`` does the same; Jacob et al. CVPR 2018, sec. 3.2): for a conv with weight
 ``W`` (C_out, ...) and bias ``b`` followed by an eval-mode BN (``gamma``, ``beta``, running
 ``mu``, ``var``, ``eps``),
 

@@ -3,7 +3,9 @@
 Shared by post-training quantization (SQ, Q-Rater) and quantization-aware training. Q-Rater's
 layer-by-layer walk (Kim, Lee et al., *Q-Rater: Non-Convex Optimization for Post-Training Uniform
 Quantization*, arXiv:2105.01868, Algorithm 1 of appendix E) needs forward (execution) order;
-SQ's first/last-layer rule (Oh, Sim, Kim, Lee, *Non-Uniform Step Size Quantization for Accurate Post-Training Quantization* (Subset Quantization, SQ), ECCV 2022, sec. 4.1) needs the first conv and the classifier.
+SQ's first/last-layer rule (Oh, Sim, Kim, Lee, *Non-Uniform Step Size Quantization for Accurate
+Post-Training Quantization*, ECCV 2022, doi:10.1007/978-3-031-20083-0_39, sec. 4.1) needs the first
+conv and the classifier.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """SQ's QPS search on every layer of a model: the one model-level driver of Algorithm 1.
 
 Oh, Sim, Kim, Lee, *Non-Uniform Step Size Quantization for Accurate Post-Training Quantization*
-(SQ, ECCV 2022), Algorithm 1 per layer; supplement Table 2 times it over a whole network. The
+(SQ, ECCV 2022, doi:10.1007/978-3-031-20083-0_39), Algorithm 1 per layer; supplement Table 2 times it over a whole network. The
 first and last layers are skipped (they stay at 8-bit uniform, SQ sec. 4.1). Results are cached
 in ``data/derived/sq_search_model-*.json`` keyed by a hash of the weights, so the searches of
 notebook 01 serve notebook 03 (:meth:`lowbit.sq.ptq.FitCache.prime_sq`).

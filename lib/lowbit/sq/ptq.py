@@ -1,7 +1,7 @@
 """Model-level post-training quantization (PTQ): what SQ's Tables 2-3 run on a network.
 
 Oh, Sim, Kim, Lee, *Non-Uniform Step Size Quantization for Accurate Post-Training Quantization*
-(Subset Quantization, SQ), ECCV 2022, sec. 4.1-4.2, and its supplementary material, sec. 1:
+(Subset Quantization, SQ), ECCV 2022, doi:10.1007/978-3-031-20083-0_39, sec. 4.1-4.2, and its supplementary material, sec. 1:
 
 * BatchNorm is folded into the preceding conv before the weights are quantized
   (:func:`lowbit.nn.fold_bn.fold_bn`);

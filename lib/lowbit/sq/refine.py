@@ -1,7 +1,7 @@
 """SQ's final optimisation: per-layer output reconstruction with the layer's own QPS.
 
 Oh, Sim, Kim, Lee, *Non-Uniform Step Size Quantization for Accurate Post-Training Quantization*
-(SQ, ECCV 2022), sec. 4.1 "final optimization" (supplement Table 2 last row): with the calibration
+(SQ, ECCV 2022, doi:10.1007/978-3-031-20083-0_39), sec. 4.1 "final optimization" (supplement Table 2 last row): with the calibration
 set, re-fit each layer's per-channel scales (weights re-map to other points of the *same* QPS)
 to minimise the reconstruction error of the layer's output, then choose per weight between its
 two neighbouring QPS points (AdaRound-style up/down rounding, Nagel, Amjad, van Baalen, Louizos,

@@ -1,7 +1,7 @@
 """What notebook 03 runs: SQ Tables 2-3 cells on our CPU-scale models, cached.
 
 Oh, Sim, Kim, Lee, *Non-Uniform Step Size Quantization for Accurate Post-Training Quantization*
-(SQ, ECCV 2022), Tables 2-3 and supplement Table 2: one cell is "quantize the committed FP model
+(SQ, ECCV 2022, doi:10.1007/978-3-031-20083-0_39), Tables 2-3 and supplement Table 2: one cell is "quantize the committed FP model
 with one method and bit width, calibrate on ``calib_size`` training images drawn with ``seed``,
 test top-1". Results go through :func:`lowbit.results.cached` (``data/derived/sq_*-*.json``).
 """
