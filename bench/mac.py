@@ -1,6 +1,6 @@
 """Benchmark: SQ's shift-add MAC simulator vs torch's float convolution on the same layers.
 
-The simulator (lowbit.hw.mac_conv2d, SQ Sec. 3.5 / Fig. 4) is bit-exact integer arithmetic;
+The simulator (lowbit.sq.hw.mac_conv2d, SQ Sec. 3.5 / Fig. 4) is bit-exact integer arithmetic;
 the baseline is ``F.conv2d`` in float32 on the fake-quantized tensors (what a PTQ study
 would run instead). Layers are the three conv shapes of our ResNet-20 on 28x28 inputs.
 The slow reference (one Fig. 4 product at a time) is timed on a small slice and checked to
