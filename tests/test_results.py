@@ -73,3 +73,54 @@ def test_seed_all_reproducible():
     assert torch.equal(a[0], b[0]) and (a[1] == b[1]).all()
     with pytest.raises(TypeError):
         seed_all(1.5)
+
+
+@pytest.fixture
+def committed(tmp_path, monkeypatch):
+    """A throw-away project root whose data/derived/ plays the committed caches; output elsewhere."""
+    from lowbit import paths
+
+    root = tmp_path / "root"
+    (root / "data" / "derived").mkdir(parents=True)
+    (root / "pyproject.toml").write_text("")
+    monkeypatch.setenv("LOWBIT_ROOT", str(root))
+    monkeypatch.delenv("LOWBIT_OUTPUT_DIR", raising=False)
+    monkeypatch.setattr(paths, "_RUN_OUTPUT", None)
+    path = results.save_result("r", {"a": 1}, {"v": "committed"})  # written while nothing redirects
+    assert path.parent == root / "data" / "derived"
+    out = tmp_path / "out"
+    monkeypatch.setenv("LOWBIT_OUTPUT_DIR", str(out))
+    return root / "data" / "derived", out / "derived"
+
+
+def test_redirected_run_reads_the_committed_cache(committed):
+    committed_dir, out_dir = committed
+    before = sorted(p.name for p in committed_dir.iterdir())
+    calls = []
+    assert results.cached("r", {"a": 1}, lambda: calls.append(1) or {"v": "new"}) == {"v": "committed"}
+    assert not calls  # warm: not recomputed
+    assert results.find_cached("r", {"a": 1}) == committed_dir / results.cache_path("r", {"a": 1}).name
+    # a miss is computed and written to the output folder only
+    assert results.cached("r", {"a": 2}, lambda: {"v": "fresh"}) == {"v": "fresh"}
+    assert (out_dir / results.cache_path("r", {"a": 2}).name).exists()
+    assert sorted(p.name for p in committed_dir.iterdir()) == before
+
+
+def test_output_folder_record_shadows_the_committed_one(committed):
+    committed_dir, out_dir = committed
+    results.cached("r", {"a": 1}, lambda: {"v": "forced"}, force=True)  # FORCE writes the output folder
+    assert results.load_result("r", {"a": 1}) == {"v": "forced"}
+    assert results.find_cached("r", {"a": 1}).parent == out_dir
+    assert json.loads((committed_dir / results.cache_path("r", {"a": 1}).name).read_text())["payload"] == {
+        "v": "committed"}
+
+
+def test_corrupt_committed_record_is_recomputed_into_the_output_folder(committed):
+    committed_dir, out_dir = committed
+    path = committed_dir / results.cache_path("r", {"a": 1}).name
+    path.write_text(path.read_text().replace("committed", "tampered"))
+    with pytest.raises(results.CorruptCacheError):
+        results.load_result("r", {"a": 1})
+    with pytest.warns(UserWarning, match="recomputing"):
+        assert results.cached("r", {"a": 1}, lambda: {"v": "again"}) == {"v": "again"}
+    assert results.find_cached("r", {"a": 1}).parent == out_dir

@@ -5,6 +5,10 @@ configuration. The file holds the configuration, the payload and a SHA-256 of th
 payload, written to a temporary file in the same folder and renamed into place
 (``os.replace`` is atomic on POSIX), so an interrupted write never leaves a half file.
 A file whose checksum does not match is reported and recomputed, never silently used.
+
+Reads look in the output folder first and then in the committed ``data/derived/``
+(:func:`lowbit.paths.derived_read_dirs`), so a run redirected by ``$LOWBIT_OUTPUT_DIR`` or a
+per-run folder still finds the committed caches; writes go to the output folder only.
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .paths import derived_dir
+from .paths import derived_dir, derived_read_dirs
 
 
 class CorruptCacheError(ValueError):
@@ -91,11 +95,25 @@ def config_key(config: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def cache_path(name: str, config: dict) -> Path:
-    """Where the result ``name`` for ``config`` is cached."""
-    if not name or "/" in name:
+def _file_name(name: str, config: dict) -> str:
+    if not isinstance(name, str) or not name or "/" in name:
         raise ValueError(f"cache name must be a plain non-empty file stem, got {name!r}")
-    return derived_dir() / f"{name}-{config_key(config)}.json"
+    return f"{name}-{config_key(config)}.json"
+
+
+def cache_path(name: str, config: dict) -> Path:
+    """Where the result ``name`` for ``config`` is written (the output folder)."""
+    return derived_dir() / _file_name(name, config)
+
+
+def find_cached(name: str, config: dict) -> Path | None:
+    """The cached file for ``config``: in the output folder, else in the committed
+    ``data/derived/``; ``None`` if neither has it."""
+    file_name = _file_name(name, config)
+    for folder in derived_read_dirs():
+        if (folder / file_name).exists():
+            return folder / file_name
+    return None
 
 
 def save_result(name: str, config: dict, payload) -> Path:
@@ -114,9 +132,10 @@ def save_result(name: str, config: dict, payload) -> Path:
 
 
 def load_result(name: str, config: dict):
-    """The cached payload, ``None`` if absent; :class:`CorruptCacheError` if corrupt."""
-    path = cache_path(name, config)
-    if not path.exists():
+    """The cached payload (output folder first, then ``data/derived/``), ``None`` if absent;
+    :class:`CorruptCacheError` if corrupt."""
+    path = find_cached(name, config)
+    if path is None:
         return None
     try:
         record = json.loads(path.read_text())
