@@ -42,6 +42,9 @@ bench: setup ## run the benchmarks in bench/ (print tables, write bench/results/
 lab: setup ## open the notebooks in JupyterLab
 	$(VENV)/bin/jupyter lab notebooks/
 
+# clean also removes the leftover .<file>.<random>.tmp of killed atomic writes under data/ figures/ bench/ runs/
 clean: ## remove caches and temporary files (keeps .venv, data and committed results)
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 	rm -rf .pytest_cache .hypothesis notebooks/.ipynb_checkpoints
+	@if [ -x $(PY) ]; then $(PY) -m lowbit.results clean-temp --root "$(CURDIR)"; \
+	else echo "no $(PY): run \`make setup\` first to remove leftover .*.tmp files"; fi

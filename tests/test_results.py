@@ -124,3 +124,117 @@ def test_corrupt_committed_record_is_recomputed_into_the_output_folder(committed
     with pytest.warns(UserWarning, match="recomputing"):
         assert results.cached("r", {"a": 1}, lambda: {"v": "again"}) == {"v": "again"}
     assert results.find_cached("r", {"a": 1}).parent == out_dir
+
+
+def _flip(path, old: str, new: str):
+    """Change the bytes ``old`` -> ``new`` (same length) once in a file, checksum left stale."""
+    raw = path.read_bytes()
+    assert raw.count(old.encode()) == 1 and len(old) == len(new)
+    path.write_bytes(raw.replace(old.encode(), new.encode()))
+
+
+@pytest.mark.parametrize("old,new", [('"lenet5"', '"lenet6"'),  # config
+                                     ("91.25", "91.35"),  # payload
+                                     ('"demo"', '"demp"')])  # name
+def test_any_changed_byte_of_a_record_is_detected(out_dir, old, new):
+    cfg = {"model": "lenet5", "bits": 4}
+    path = results.save_result("demo", cfg, {"acc": 91.25})
+    assert json.loads(path.read_text())["format"] == results.RECORD_FORMAT
+    _flip(path, old, new)
+    with pytest.raises(results.CorruptCacheError, match="checksum"):
+        results.load_result("demo", cfg)
+
+
+def test_record_stored_under_another_key_is_rejected(out_dir):
+    a = results.save_result("k", {"x": 1}, {"v": 1})
+    b = results.cache_path("k", {"x": 2})
+    b.write_bytes(a.read_bytes())  # a valid record copied under another config's file name
+    with pytest.raises(results.CorruptCacheError, match="not what its name says"):
+        results.load_result("k", {"x": 2})
+
+
+def _format1(path, name, config, payload):
+    """Write a record the way the format-1 code did (checksum over the payload only)."""
+    import hashlib
+
+    record = {"name": name, "config": config, "payload": payload,
+              "sha256": hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()}
+    path.write_text(json.dumps(record, indent=1, sort_keys=True))
+
+
+def test_migrate_verifies_then_upgrades_format1_records(out_dir):
+    folder = results.derived_dir()
+    good = results.cache_path("m", {"i": 1})
+    _format1(good, "m", {"i": 1}, {"v": [1.5, 2]})
+    bad = results.cache_path("m", {"i": 2})
+    _format1(bad, "m", {"i": 2}, {"v": 3})
+    _flip(bad, '"v": 3', '"v": 4')  # payload changed after the old checksum was taken
+    with pytest.raises(results.CorruptCacheError, match="migrate"):
+        results.load_result("m", {"i": 1})  # format 1 is not read any more
+    before_bad = bad.read_bytes()
+    report = results.migrate(folder)
+    assert results.migrate(good) == {"migrated": 0, "current": 1, "failed": []}  # a file target
+    assert report == {"migrated": 1, "current": 0, "failed": [bad.name]}
+    assert results.load_result("m", {"i": 1}) == {"v": [1.5, 2]}  # same file name, new format
+    assert json.loads(good.read_text())["format"] == 2
+    assert bad.read_bytes() == before_bad  # a record that fails is left as it is
+    assert results.migrate(folder) == {"migrated": 0, "current": 1, "failed": [bad.name]}
+
+
+def test_committed_caches_are_current_records():
+    """Every committed data/derived record is format 2 and passes its whole-record checksum."""
+    import subprocess
+
+    from lowbit import paths
+
+    root = paths.project_root()
+    try:
+        names = subprocess.run(["git", "ls-files", "data/derived"], cwd=root, capture_output=True, text=True,
+                               check=True, timeout=60).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        pytest.skip("not a git checkout")
+    names = [n for n in names if n.endswith(".json")]
+    assert len(names) > 100
+    for name in names:
+        results.read_record(root / name)
+
+
+KILLED_WRITE = """
+import os, sys
+from lowbit import results
+os.replace = lambda *a: os._exit(9)  # the process dies between writing and renaming
+results.atomic_write_text(sys.argv[1], "new")
+"""
+
+
+def test_make_clean_removes_leftover_temp_files_only(tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    from lowbit import paths
+
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    derived = tmp_path / "data" / "derived"
+    derived.mkdir(parents=True)
+    target = derived / "sq_run-0123456789abcdef.json"
+    target.write_text("old")
+    killed = subprocess.run([sys.executable, "-c", KILLED_WRITE, str(target)], timeout=120)
+    assert killed.returncode == 9
+    leftover = [p for p in derived.iterdir() if p != target]
+    assert len(leftover) == 1 and leftover[0].name.startswith(".sq_run-") and target.read_text() == "old"
+    keep = [tmp_path / "figures" / "t.csv", tmp_path / "figures" / "notes.tmp", derived / ".gitkeep",
+            tmp_path / "lib" / ".x.tmp"]  # not ours to remove: other names or outside data/figures/bench/runs
+    for p in keep:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text("")
+    (tmp_path / "runs" / "r" / "figures").mkdir(parents=True)
+    run_tmp = tmp_path / "runs" / "r" / "figures" / ".t.png.abc.tmp"
+    run_tmp.write_text("")
+    assert set(results.temp_files(tmp_path)) == {leftover[0], run_tmp}
+    done = subprocess.run(["make", "-s", "-f", str(paths.project_root() / "Makefile"), "-C", str(tmp_path),
+                           f"PY={sys.executable}", "clean"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert not leftover[0].exists() and not run_tmp.exists()
+    assert target.read_text() == "old" and all(p.exists() for p in keep)
