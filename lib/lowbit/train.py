@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from .data import TensorImageDataset, load_dataset
 from .evaluate import evaluate
-from .models import build, checkpoint_path
+from .models import MODEL_NAMES, TRAIN_DATASETS, build, checkpoint_path
 from .results import atomic_torch_save, atomic_write_text, sha256_file
 from .utils import git_commit, seed_all
 
@@ -47,6 +47,10 @@ def train_fp(name: str, dataset: str, epochs: int = 30, batch_size: int = 128, l
     ``data/models/<name>-<dataset>.pt`` and the metadata (test accuracy, seed, epochs,
     training time, commit, per-epoch history, SHA-256 of the checkpoint) beside it as JSON.
     """
+    if name not in MODEL_NAMES:
+        raise ValueError(f"train_fp trains one of {MODEL_NAMES}, got {name!r}")
+    if dataset not in TRAIN_DATASETS:
+        raise ValueError(f"train_fp trains on one of {TRAIN_DATASETS}, got {dataset!r}")
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     device = torch.device(device or "cpu")
@@ -110,17 +114,23 @@ def train_fp(name: str, dataset: str, epochs: int = 30, batch_size: int = 128, l
     return model, meta
 
 
-def main(argv=None) -> int:
+def build_parser():
+    """The ``python -m lowbit.train`` command line (model and data set checked by argparse)."""
     import argparse
 
     p = argparse.ArgumentParser(prog="python -m lowbit.train", description="train an FP baseline")
-    p.add_argument("model")
-    p.add_argument("dataset")
+    p.add_argument("model", choices=MODEL_NAMES)
+    p.add_argument("dataset", choices=TRAIN_DATASETS)
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    return p
+
+
+def main(argv=None) -> int:
+    p = build_parser()
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)

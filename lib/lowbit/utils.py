@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import os
 import random
+import subprocess
 
 import numpy as np
 import torch
+
+from .paths import project_root
 
 
 def seed_all(seed: int) -> None:
@@ -27,10 +30,6 @@ def default_device() -> torch.device:
 
 def git_commit() -> str:
     """The current commit hash (``"unknown"`` outside a git checkout)."""
-    import subprocess
-
-    from .paths import project_root
-
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=project_root(),
                              capture_output=True, text=True, timeout=10)
