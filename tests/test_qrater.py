@@ -1,4 +1,8 @@
-"""Tests of lowbit.qrater: Q-Rater rounding (eqs. 3-6), clipping, baselines, BO and Algorithm 1."""
+"""Tests of lowbit.qrater's rounding (eqs. 3-6), clipping, the Table 1 baselines and the grid + BO search.
+
+Algorithm 1 (lowbit.qrater.algorithm) is tested in test_qrater_algorithm.py, notebook 05's
+plumbing (lowbit.qrater.experiments) in test_qrater_experiments.py.
+"""
 import math
 
 import numpy as np
@@ -7,8 +11,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lowbit import models, qrater
-from lowbit.nn.fold_bn import fold_bn
+from lowbit import qrater
+from lowbit.core import clipping
+from lowbit.core.uniform import uniform_levels, uniform_step
+from lowbit.qrater import rounding, search
 
 SET = settings(max_examples=40, deadline=None)
 
@@ -23,7 +29,7 @@ def one_thread():
 
 
 def rtn(x, step, bits, signed=True):
-    lo, hi = qrater.level_range(bits, signed)
+    lo, hi = uniform_levels(bits, signed)
     return torch.floor(x / step + 0.5).clamp(lo, hi) * step
 
 
@@ -48,9 +54,9 @@ def test_gamma_n_zero_is_rtn(bits, order, signed, gamma_s, step, seed):
 def test_offset_bounded_on_grid_in_range_and_matches_reference(bits, order, signed, gamma_n, gamma_s, seed):
     step = 0.37
     x = values(seed=seed, scale=step * 2 ** (bits - 1))
-    lo, hi = qrater.level_range(bits, signed)
+    lo, hi = uniform_levels(bits, signed)
     w_r = torch.floor(x / step + 0.5)
-    f = qrater._rounding_offset(x, w_r, bits, gamma_n, gamma_s, order, signed)
+    f = rounding.rounding_offset(x, w_r, bits, gamma_n, gamma_s, order, signed)
     assert f.abs().max() <= 0.5
     got = qrater.round_values(x, step, bits, gamma_n, gamma_s, order=order, signed=signed)
     k = got / step
@@ -112,25 +118,80 @@ def test_bits_type_error():
         qrater.round_values(torch.ones(2), 0.1, 3.0, 0.0)
 
 
+def test_round_values_matches_reference_on_exact_ties_and_integer_input():
+    # values on the half-step ties (where floor(u + 0.5) rounds up) and an integer tensor (cast to float64)
+    step, bits = 0.5, 3
+    x = torch.tensor([-1.75, -1.25, -0.75, -0.25, 0.25, 0.75, 1.25, 1.75], dtype=torch.float64)
+    for order, gn, gs in [(1, 0.0, None), (1, 0.4, None), (2, -0.6, 0.5), (2, 0.6, 0.0)]:
+        got = qrater.round_values(x, step, bits, gn, gs, order=order)
+        assert got.tolist() == qrater.round_values_reference(x.numpy(), step, bits, gn, gs, order)
+    # RTN ties go up: +-0.25 is half a step of 0.5
+    assert qrater.round_values(torch.tensor([0.1, 0.25, -0.25, -0.26]), 0.5, 3, 0.0).tolist() == [0.0, 0.5, 0.0, -0.5]
+    ints = qrater.round_values(torch.tensor([-9, -1, 0, 1, 9]), 1.0, 3, 0.0)
+    assert ints.dtype == torch.float64 and ints.tolist() == [-3.0, -1.0, 0.0, 1.0, 3.0]  # clamped to |k| <= 3
+
+
 # ----------------------------------------------------------------------------- clipping
-def test_clip_threshold_and_step():
+def laplace(n, seed, dtype=torch.float32):
+    """Seeded Laplace(0, 1) samples by the inverse CDF."""
+    g = torch.Generator().manual_seed(seed)
+    u = torch.rand(n, generator=g, dtype=torch.float64) - 0.5
+    return (-torch.sign(u) * torch.log1p(-2 * u.abs())).to(dtype)
+
+
+def test_clip_threshold_and_clip_round_step():
     x = torch.tensor([-2.0, 0.5, 1.0])
     assert qrater.clip_threshold(x, 0.5) == 1.0
-    assert qrater.step_size(1.0, 3) == pytest.approx(1 / 3)
-    assert qrater.step_size(1.0, 3, signed=False) == pytest.approx(1 / 7)
     for bad in (0.0, -0.1, 1.01):
         with pytest.raises(ValueError):
             qrater.clip_threshold(x, bad)
+    with pytest.raises(ValueError):
+        qrater.clip_threshold(torch.empty(0), 0.5)
+    # weights: clipped to [-Th, Th] on the signed grid of step Th / (2^(q-1) - 1) = 1/3 at 3 bits
+    w = qrater.clip_round_weight(torch.tensor([-5.0, -0.1, 0.2, 0.5, 5.0]), 1.0, 3)
+    assert torch.allclose(w, torch.tensor([-1.0, 0.0, 1 / 3, 2 / 3, 1.0]))
+    # unsigned activations: negatives to 0, step Th / (2^q - 1) = 1/7
+    setting = qrater.ActRounding.at(1.0, 3, signed=False)
+    assert setting.step == uniform_step(1.0, 3, signed=False) == pytest.approx(1 / 7)
+    a = qrater.clip_round_activation(torch.tensor([-1.0, 0.2, 0.6, 3.0]), setting)
+    assert torch.allclose(a, torch.tensor([0.0, 1 / 7, 4 / 7, 1.0]))
+    signed = qrater.clip_round_activation(torch.tensor([-3.0, -0.4]), qrater.ActRounding.at(1.0, 3, signed=True))
+    assert torch.allclose(signed, torch.tensor([-1.0, -1 / 3]))
+
+
+def _mse_reference_with_qrater_rtn(xs, bits, signed, grid):
+    """The MSE rule written with Q-Rater's own RTN (clip, then round_values with gamma_n = 0)."""
+    amax = float(xs.abs().max())
+    best_t, best_e = amax, float("inf")
+    for k in range(1, grid + 1):
+        t = float(amax * torch.tensor(k, dtype=xs.dtype) / grid)
+        q = qrater.round_values(xs.clamp(-t if signed else 0.0, t), uniform_step(t, bits, signed), bits, 0.0,
+                                signed=signed)
+        e = float(((xs - q) ** 2).mean())
+        if e < best_e:
+            best_t, best_e = t, e
+    return best_t
 
 
 @pytest.mark.parametrize("signed", [True, False])
-def test_batched_mse_threshold_agrees_with_reference(signed):
-    x = torch.distributions.Laplace(0.0, 1.0).sample((1500,))
-    x = x if signed else x.abs()
-    for bits in (2, 4):
-        fast = qrater._mse_threshold(x, bits, signed, 60)
-        ref = qrater._mse_threshold_reference(x, bits, signed, 60)
-        assert fast == pytest.approx(ref, rel=1e-6)
+def test_core_mse_threshold_equals_plain_loops(signed):
+    # the Table 1 "MSE" baseline is lowbit.core.clipping.mse_threshold; two plain references agree with it
+    for seed, bits in [(0, 2), (1, 3), (2, 4)]:
+        x = laplace(1500, seed)
+        x = x if signed else x.abs()
+        grid = 60
+        fast = clipping.mse_threshold(x, bits, signed, grid)
+        lo, hi = uniform_levels(bits, signed)
+        cands = float(x.abs().max()) * torch.arange(1, grid + 1, dtype=x.dtype) / grid
+        ref = float(cands[clipping.mse_step_index_reference(x, lo, hi, cands / hi, tie="up")])
+        assert fast == ref
+        assert fast == pytest.approx(_mse_reference_with_qrater_rtn(x, bits, signed, grid), rel=1e-6)
+        assert fast < float(x.abs().max())  # heavy tails: clipping pays off at these widths
+
+
+def test_baseline_threshold_is_reexported_from_core():
+    assert qrater.baseline_threshold is clipping.baseline_threshold
+    assert qrater.aciq_coefficient is clipping.aciq_coefficient
 
 
 def test_aciq_coefficient_matches_banner_constants():
@@ -141,7 +202,7 @@ def test_aciq_coefficient_matches_banner_constants():
 
 def test_baselines_are_sane():
     g = torch.Generator().manual_seed(1)
-    lap = torch.distributions.Laplace(0.0, 1.0).sample((20000,))
+    lap = laplace(20000, seed=3)
     amax = float(lap.abs().max())
     mse_err = lambda t: float(((lap - rtn(lap.clamp(-t, t), t / 3, 3)) ** 2).mean())  # noqa: E731
     th = {r: qrater.baseline_threshold(lap, 3, r) for r in qrater.CLIP_RULES}
@@ -152,6 +213,7 @@ def test_baselines_are_sane():
     assert mse_err(th["mse"]) < mse_err(amax)
     # ACIQ = coefficient * b (b = mean |x - mean|, about 1 here)
     b = float((lap - lap.mean()).abs().mean())
+    assert b == pytest.approx(1.0, rel=0.05)
     assert th["aciq"] == pytest.approx(qrater.aciq_coefficient(3) * b, rel=1e-6)
     # unsigned data (after a ReLU) uses the unsigned range
     relu = torch.relu(torch.randn(5000, generator=g))
@@ -174,167 +236,34 @@ def test_same_seed_same_bo_probes():
     assert [p["phase"] for p in a] == ["grid"] * 6 + ["bo"] * (len(a) - 6)
     assert len(a) > 6
     assert qrater.bayes_search(f, bounds, grid, 0, seed=7) == a[:6]
-
-
-# ----------------------------------------------------------------------------- model plumbing
-def _randomize_bn(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-    return model.eval()
-
-
-def test_shared_fold_and_forward_order_walk():
-    # Q-Rater uses the shared BN folding and the forward-order layer walk of lowbit.ptq
-    torch.manual_seed(0)
-    m = _randomize_bn(models.build("resnet20"))
-    x = torch.randn(4, 1, 28, 28)
-    folded = fold_bn(m)
-    assert not any(isinstance(k, torch.nn.BatchNorm2d) for k in folded.modules())
-    with torch.no_grad():
-        assert torch.allclose(folded(x), m(x), atol=1e-4)
-    order = [n for n, _ in lowbit.nn.quantizable_layers(folded, x)]
-    assert len(order) == 20 and order[0] == "conv1" and order[-1] == "fc"
-    assert order[1:3] == ["layer1.0.conv1", "layer1.0.conv2"]
-    assert [n for n, _ in lowbit.nn.quantizable_layers(models.build("lenet5"), x)] == ["conv1", "conv2", "fc1", "fc2", "fc3"]
-    state = qrater._QuantState(m, x)
-    assert state.order == order
-
-
-class _Reordered(torch.nn.Module):
-    """Layers registered in the opposite order to the one they run in."""
-
-    def __init__(self):
-        super().__init__()
-        self.head = torch.nn.Linear(6, 3)
-        self.body = torch.nn.Linear(4, 6)
-
-    def forward(self, x):
-        return self.head(torch.relu(self.body(x)))
-
-
-def test_quantizable_layers_example_gives_forward_order():
-    m = _Reordered()
-    assert [n for n, _ in lowbit.nn.quantizable_layers(m)] == ["head", "body"]  # registration order
-    assert [n for n, _ in lowbit.nn.quantizable_layers(m, torch.randn(2, 4))] == ["body", "head"]  # forward order
-    assert qrater._QuantState(m, torch.randn(2, 4)).order == ["body", "head"]
-
-
-def test_prefix_cache_agrees_with_full_forward():
-    torch.manual_seed(0)
-    m = fold_bn(_randomize_bn(models.build("resnet20")))
-    x, y = torch.randn(6, 1, 28, 28), torch.randint(0, 10, (6,))
-    runner = qrater._Runner(m, x, y, batch_size=4)
-    full = runner.evaluate(use_cache=False)
-    for layer in ("layer3.0.conv1", "fc"):
-        runner.freeze_before(layer)
-        assert runner.frozen  # something was cached
-        assert runner.evaluate() == full
-        assert runner.evaluate(use_cache=False) == full
-    # changing the target layer changes the cached evaluation exactly like the full one
-    with torch.no_grad():
-        dict(m.named_modules())["fc"].weight.mul_(-1)
-    assert runner.evaluate() == runner.evaluate(use_cache=False) != full
-    runner.release()
-    assert "forward" not in vars(dict(m.named_modules())["layer1"])
-
-
-class Tiny(torch.nn.Module):
-    """A small conv net on 1x8x8 inputs, so the Algorithm-1 tests run in seconds."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv1 = torch.nn.Conv2d(1, 4, 3, padding=1, bias=False)
-        self.bn1 = torch.nn.BatchNorm2d(4)
-        self.relu1 = torch.nn.ReLU()
-        self.conv2 = torch.nn.Conv2d(4, 6, 3, stride=2, padding=1)
-        self.relu2 = torch.nn.ReLU()
-        self.pool = torch.nn.AdaptiveAvgPool2d(2)
-        self.flatten = torch.nn.Flatten()
-        self.fc1 = torch.nn.Linear(24, 16)
-        self.relu3 = torch.nn.ReLU()
-        self.fc2 = torch.nn.Linear(16, 10)
-
-    def forward(self, x):
-        x = self.relu2(self.conv2(self.relu1(self.bn1(self.conv1(x)))))
-        return self.fc2(self.relu3(self.fc1(self.flatten(self.pool(x)))))
-
-
-def _tiny_problem():
-    torch.manual_seed(0)
-    m = _randomize_bn(Tiny())
-    x = torch.randn(40, 1, 8, 8)
-    with torch.no_grad():
-        y = m(x).argmax(1)  # labels the FP model gets right
-    return m, (x, y)
-
-
-def test_run_grid_log_replay_and_rtn_equivalence():
-    m, calib = _tiny_problem()
-    grids = dict(clip_grid=[0.5, 1.0], gamma_n_grid=[-0.5, 0.0, 0.5], gamma_s_grid=[0.0, 1.0])
-    res = qrater.run(m, 3, 3, calib, search="grid", ops=("clip", "round", "bias"), seed=0,
-                     layers=[1, 2, 3], **grids)
-    model, probes = res  # unpacks as (model, probes)
-    assert [r["name"] for r in res.layers] == ["conv2", "fc1", "fc2"]
-    assert {p["phase"] for p in probes} <= {"grid", "off", "on"}
-    per_layer = {s: sum(p["stage"] == s and p["layer"] == "fc1" for p in probes)
-                 for s in ("w_clip", "w_round", "a_clip", "a_round", "bias")}
-    assert per_layer == {"w_clip": 2, "w_round": 6, "a_clip": 2, "a_round": 6, "bias": 2}
-    for rec in res.layers:
-        assert rec["a_signed"] is False  # inputs of conv2/fc1/fc2 follow ReLUs
-        best = max((p for p in probes if p["layer"] == rec["name"] and p["stage"] == "w_round"),
-                   key=lambda p: p["target"])
-        assert (rec["w_gamma_n"], rec["w_gamma_s"]) == (best["params"]["gamma_n"], best["params"]["gamma_s"])
-        on_off = [p for p in probes if p["layer"] == rec["name"] and p["stage"] == "bias"]
-        assert rec["bias_corrected"] == (on_off[1]["target"] >= on_off[0]["target"])
-    x = calib[0]
-    with torch.no_grad():
-        assert torch.equal(qrater.apply(m, res.layers, example=x)(x), model(x))
-        # quantized weights sit on the layer's grid
-        w = dict(model.named_modules())["fc1"].weight
-        rec = res.layers[1]
-        k = w / rec["w_step"]
-        assert torch.allclose(k, k.round(), atol=1e-4) and k.abs().max() <= 3
-    # RTN-only run: every gamma_n is 0 and no search probes are made
-    rtn_res = qrater.run(m, 3, 3, calib, search="grid", ops=(), layers=[1, 2, 3], **grids)
-    assert all(r["w_gamma_n"] == 0 and r["a_gamma_n"] == 0 and not r["bias_corrected"] for r in rtn_res.layers)
-    assert {p["stage"] for p in rtn_res.probes} == {"bias"}
-
-
-def test_run_bo_is_seeded_and_validates():
-    m, calib = _tiny_problem()
-    kw = dict(ops=("clip",), layers=[3], clip_grid=[0.5, 1.0], bo_steps=1)
-    a = qrater.run(m, 3, None, calib, search="bo", seed=3, **kw)
-    b = qrater.run(m, 3, None, calib, search="bo", seed=3, **kw)
-    assert [p["params"] for p in a.probes] == [p["params"] for p in b.probes]
-    assert any(p["phase"] == "bo" for p in a.probes)
     with pytest.raises(ValueError):
-        qrater.run(m, 1, 3, calib)
+        qrater.bayes_search(f, bounds, [{"gamma_n": 0.0}], 0)  # a grid point without gamma_s
     with pytest.raises(ValueError):
-        qrater.run(m, 3, 3, calib, search="random")
-    with pytest.raises(ValueError):
-        qrater.run(m, 3, 3, calib, ops=("clip", "prune"))
-    with pytest.raises(ValueError):
-        qrater.run(m, 3, 3, calib, gamma_n_grid=[-2.0, 0.0])
-    with pytest.raises(ValueError):
-        qrater.run(m, 3, 3, calib, clip_grid=[0.0, 0.5])
+        qrater.bayes_search(f, bounds, grid, -1)
 
 
-def test_incremental_accuracy_counts_are_a_subset_of_the_full_curve():
-    from lowbit.data import TensorImageDataset
-
-    m, (x, y) = _tiny_problem()
-    res = qrater.run(m, 2, 2, (x, y), search="grid", ops=("round",), layers=[1, 2, 3],
-                     gamma_n_grid=[-0.5, 0.0, 0.5], gamma_s_grid=[0.0])
-    data = TensorImageDataset(x, y, "tiny", "test")
-    full = qrater.incremental_accuracy(m, res.layers, data, example=x[:2])
-    assert len(full) == len(res.layers) + 1
-    assert qrater.incremental_accuracy(m, res.layers, data, example=x[:2], counts=[0, 2, 3]) == [full[0], full[2],
-                                                                                                   full[3]]
-    assert full[0] == 100.0  # labels are the FP model's predictions
+def test_best_probe_keeps_the_first_of_equal_targets():
+    probes = [{"params": {"g": 1}, "target": 0.5}, {"params": {"g": 2}, "target": 0.9},
+              {"params": {"g": 3}, "target": 0.9}]
+    assert qrater.best_probe(probes)["params"] == {"g": 2}
     with pytest.raises(ValueError):
-        qrater.incremental_accuracy(m, res.layers, data, counts=[4])
+        qrater.best_probe([])
+
+
+def test_search_params_tells_measure_the_phase_of_each_call():
+    calls = []
+
+    def measure(phase, gamma_n, gamma_s=0.0):
+        calls.append((phase, gamma_n, gamma_s))
+        return -abs(gamma_n - 0.5) - abs(gamma_s - 1.0)
+
+    space = search.round_space(2, [-0.5, 0.0, 0.5], [0.0, 1.0])
+    assert space[1] == [{"gamma_n": a, "gamma_s": b} for a in (-0.5, 0.0, 0.5) for b in (0.0, 1.0)]
+    best = search.search_params(measure, space, n_bo=2, seed=0)
+    assert [c[0] for c in calls[:6]] == ["grid"] * 6 and {c[0] for c in calls[6:]} == {"bo"} and len(calls) > 6
+    assert best == {"gamma_n": 0.5, "gamma_s": 1.0}  # the optimum is a grid point
+    # order 1 searches gamma_n alone; the clipping space is gamma_c in (0, 1]
+    assert search.round_space(1, [0.0, 0.5], [0.0, 1.0]) == ({"gamma_n": (-1.0, 1.0)},
+                                                             [{"gamma_n": 0.0}, {"gamma_n": 0.5}])
+    assert search.clip_space([0.5, 1.0]) == ({"gamma_c": search.GAMMA_C_BOUNDS},
+                                             [{"gamma_c": 0.5}, {"gamma_c": 1.0}])

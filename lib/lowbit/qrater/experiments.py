@@ -1,0 +1,271 @@
+"""What notebook 05 runs: Q-Rater's tables, figure data and claims on our CPU-scale models, cached.
+
+Kim, Lee, Ro, Jeon, Kwon, Park, Oh, *Q-Rater: Non-Convex Optimization for Post-Training Uniform
+Quantization*, arXiv:2105.01868: Table 1 (clipping baselines vs Q-Rater operations), Table 2
+(grid vs Bayesian optimisation), the incremental curves of Figs. 6-8 and the bias-correction
+map of Fig. 20. One run is "quantize the committed FP checkpoint with one set of options,
+objective on a class-balanced training subset, test top-1" (:func:`experiment`), cached through
+:func:`lowbit.results.cached` (``data/derived/qrater_run-*.json``, curves ``qrater_curve-*.json``).
+
+A notebook *profile* ``c`` is a dict with ``model``, ``dataset``, ``per_class``, ``test_n``,
+``layers``, ``clip_grid``, ``gamma_n_grid``, ``gamma_s_grid``, ``bo_steps`` and optionally
+``curve_bits`` (bit widths whose runs record the full curve) or ``curve_n``/``curve_counts``
+(curves replayed later on the first ``curve_n`` test images at those layer counts).
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from ..data import TensorImageDataset, as_tensors, load_dataset
+from ..evaluate import accuracy, checkpoint_accuracy
+from ..models import load_pretrained
+from ..results import cached, config_key
+from .algorithm import incremental_accuracy, run
+
+# Table 1 columns: clipping baselines with RTN, and Q-Rater operations (1) round, (2) clip, (3) bias
+TABLE1_VARIANTS = {
+    "MSE": {"ops": (), "clip_rule": "mse"},
+    "ACIQ": {"ops": (), "clip_rule": "aciq"},
+    "KL": {"ops": (), "clip_rule": "kl"},
+    "(1) round": {"ops": ("round",)},
+    "(2) clip": {"ops": ("clip",)},
+    "(3) bias": {"ops": ("bias",)},
+    "(1)+(2)": {"ops": ("clip", "round")},
+    "(1)+(2)+(3)": {"ops": ("clip", "round", "bias")},
+}
+BASELINES = ("MSE", "ACIQ", "KL")
+COMBINED = "(1)+(2)+(3)"
+
+
+def balanced_subset(dataset, per_class: int = 20, seed: int = 0) -> TensorImageDataset:
+    """``per_class`` seeded random images of every class (the paper's 20 per class, appendix D) (API)."""
+    if isinstance(per_class, bool) or not isinstance(per_class, (int, np.integer)) or per_class < 1:
+        raise ValueError(f"per_class must be a positive int, got {per_class!r}")
+    images, labels = as_tensors(dataset)
+    rng = np.random.default_rng(seed)
+    idx = []
+    for c in sorted(set(labels.tolist())):
+        where = np.flatnonzero(labels.numpy() == c)
+        if len(where) < per_class:
+            raise ValueError(f"class {c} has only {len(where)} images, fewer than per_class={per_class}")
+        idx += sorted(rng.choice(where, size=per_class, replace=False).tolist())
+    idx = torch.as_tensor(sorted(idx))
+    return TensorImageDataset(images[idx], labels[idx], getattr(dataset, "name", ""),
+                              f"{getattr(dataset, 'split', '')}[{per_class}/class s{seed}]")
+
+
+def first_test_images(dataset: str, test_n: int | None) -> TensorImageDataset:
+    """The test split of ``dataset``, cut to its first ``test_n`` images (all if ``None``)."""
+    test = load_dataset(dataset, "test")
+    if test_n is not None:
+        test = type(test)(test.images[:test_n], test.labels[:test_n], test.name, f"test[:{test_n}]")
+    return test
+
+
+def experiment(model_name: str, dataset: str, w_bits: int | None, a_bits: int | None, *, per_class: int = 20,
+               test_n: int | None = None, curve: bool = False, seed: int = 0, **run_kwargs) -> dict:
+    """One Q-Rater (or baseline) run on a committed FP checkpoint, as a JSON-able record (API).
+
+    Loads ``models.load_pretrained(model_name, dataset)``, draws ``per_class`` training images
+    per class as the fixed objective subset (:func:`balanced_subset`), calls :func:`run` with
+    ``run_kwargs`` and measures test accuracy (on the first ``test_n`` test images, all if
+    ``None``) of the FP and the quantized model; ``curve=True`` adds the test accuracy after
+    each incrementally quantized layer (:func:`incremental_accuracy`, Figs. 6-8).
+    """
+    t0 = time.time()
+    model = load_pretrained(model_name, dataset)
+    calib = balanced_subset(load_dataset(dataset, "train"), per_class, seed)
+    test = first_test_images(dataset, test_n)
+    res = run(model, w_bits, a_bits, calib, seed=seed, **run_kwargs)
+    out = {
+        "model": model_name, "dataset": dataset, "config": res.config, "layers": res.layers,
+        "probes": res.probes, "fp_calib": res.fp_objective, "test_n": len(test),
+        "fp_test_accuracy": checkpoint_accuracy(model, model_name, dataset, test),
+        "test_accuracy": accuracy(res.model, test),
+        "calib_accuracy": res.layers[-1]["calib_accuracy"] if res.layers else res.fp_objective["accuracy"],
+    }
+    if curve:
+        out["curve"] = incremental_accuracy(model, res.layers, test, example=calib.images[:2])
+    out["seconds"] = time.time() - t0
+    return out
+
+
+def experiment_curve(model_name: str, dataset: str, layers: list[dict], *, test_n: int | None = None,
+                     counts=None) -> dict:
+    """The Figs. 6-8 curve of a finished :func:`experiment` from its ``layers`` records alone.
+
+    Replays the recorded settings with :func:`apply` (no search is re-run), so a cached run
+    recorded without ``curve=True`` gets its curve later, on the first ``test_n`` test images
+    and at the layer counts ``counts`` (all of ``0..len(layers)`` if ``None``). Returns
+    ``{"counts": [...], "accuracy": [...], "test_n": n, "seconds": s}``.
+    """
+    t0 = time.time()
+    model = load_pretrained(model_name, dataset)
+    test = first_test_images(dataset, test_n)
+    counts = list(range(len(layers) + 1)) if counts is None else [int(k) for k in counts]
+    acc = incremental_accuracy(model, layers, test, example=test.images[:2], counts=counts)
+    return {"counts": counts, "accuracy": acc, "test_n": len(test), "seconds": time.time() - t0}
+
+
+def run_config(c: dict, bits: int, variant: str | None = None, search: str = "grid", seed: int = 0,
+               **extra) -> dict:
+    """The keyword arguments of :func:`experiment` (and the cache key) for profile ``c`` at W/A
+    ``bits``/``bits``, Table 1 column ``variant`` (``None``: Q-Rater's defaults) and ``extra``
+    options of :func:`run`."""
+    if variant is not None and variant not in TABLE1_VARIANTS:
+        raise ValueError(f"unknown Table 1 variant {variant!r}: use one of {list(TABLE1_VARIANTS)}")
+    kw = dict(TABLE1_VARIANTS[variant]) if variant else {}
+    kw.update(extra)
+    return dict(model_name=c["model"], dataset=c["dataset"], w_bits=bits, a_bits=bits, search=search,
+                per_class=c["per_class"], test_n=c["test_n"], curve=bits in c.get("curve_bits", []), seed=seed,
+                layers=c["layers"], clip_grid=c["clip_grid"], gamma_n_grid=c["gamma_n_grid"],
+                gamma_s_grid=c["gamma_s_grid"], bo_steps=c["bo_steps"], **kw)
+
+
+def cached_experiment(c: dict, bits: int, variant: str | None = None, search: str = "grid", *, seed: int = 0,
+                      with_curve: bool = False, **extra) -> dict:
+    """One cached :func:`experiment` of profile ``c`` (see :func:`run_config`).
+
+    A profile with ``curve_bits`` records its curve in the run itself; for one with ``curve_n``
+    (``curve_counts``), ``with_curve`` replays the recorded settings on the first ``curve_n``
+    test images (:func:`experiment_curve`, cached under the run's key) and adds ``curve``,
+    ``curve_counts`` and ``curve_n`` to the record.
+    """
+    config = run_config(c, bits, variant, search, seed, **extra)
+    r = cached("qrater_run", config, lambda: experiment(**config))
+    if with_curve and "curve" not in r and c.get("curve_n"):
+        cconf = dict(run=config_key(config), test_n=c["curve_n"], counts=c["curve_counts"])
+        cur = cached("qrater_curve", cconf, lambda: experiment_curve(
+            c["model"], c["dataset"], r["layers"], test_n=c["curve_n"], counts=c["curve_counts"]))
+        r = dict(r, curve=cur["accuracy"], curve_counts=cur["counts"], curve_n=cur["test_n"])
+    return r
+
+
+def table1_runs(c: dict, bits_list, variants=tuple(TABLE1_VARIANTS), seed: int = 0) -> dict:
+    """``{(bits, variant): record}`` of Table 1 (cached runs, grid search)."""
+    return {(bits, v): cached_experiment(c, bits, v, seed=seed) for bits in bits_list for v in variants}
+
+
+def figure6_runs(c: dict, bits: int, seed: int = 0) -> dict:
+    """Fig. 6 / 11: incremental curves with MSE clipping, rounding on W, A, both; 1st vs 2nd order."""
+    def one(variant, **extra):
+        return cached_experiment(c, bits, variant, seed=seed, with_curve=True, **extra)
+
+    return {"W RTN / A RTN": one("MSE"),
+            "W Q-Rater / A RTN": one("(1) round", targets=["weight"]),
+            "W RTN / A Q-Rater": one("(1) round", targets=["activation"]),
+            "W/A Q-Rater (2nd order)": one("(1) round"),
+            "W/A Q-Rater (1st order)": one("(1) round", order=1)}
+
+
+def figure7_runs(c: dict, bits: int, seed: int = 0) -> dict:
+    """Fig. 7: incremental curves with RTN and MSE / ACIQ / KL / Q-Rater clipping."""
+    return {name: cached_experiment(c, bits, key, seed=seed, with_curve=True)
+            for name, key in [("MSE", "MSE"), ("ACIQ", "ACIQ"), ("KL", "KL"), ("Q-Rater clip", "(2) clip")]}
+
+
+def figure8_runs(c: dict, bits: int, seed: int = 0) -> dict:
+    """Fig. 8 / Figs. 18-19: bias correction never / always / selective (RTN, MSE clipping)."""
+    return {"never": cached_experiment(c, bits, "MSE", seed=seed, with_curve=True),
+            "always": cached_experiment(c, bits, "MSE", seed=seed, with_curve=True, bias_mode="always"),
+            "selective (Q-Rater)": cached_experiment(c, bits, "(3) bias", seed=seed, with_curve=True)}
+
+
+def sweep(record: dict, stage: str, key: str, fixed: dict | None = None) -> tuple[list, list, str]:
+    """The last layer's grid probes of ``stage`` (e.g. ``"w_round"``) along parameter ``key``,
+    the other parameters at ``fixed``: ``(values, calibration accuracies, layer name)``, sorted."""
+    last = record["layers"][-1]["name"]
+    pts = [p for p in record["probes"] if p["layer"] == last and p["stage"] == stage and p["phase"] == "grid"
+           and all(p["params"].get(k) == v for k, v in (fixed or {}).items())]
+    pts.sort(key=lambda p: p["params"][key])
+    return [p["params"][key] for p in pts], [p["accuracy"] for p in pts], last
+
+
+def table1_rows(runs: dict, bits_list, variants) -> list[dict]:
+    """Table 1: one row per W/A width, the FP accuracy and each variant's test accuracy."""
+    rows = []
+    for bits in bits_list:
+        row = {"W/A": f"{bits}/{bits}", "FP": runs[bits, variants[0]]["fp_test_accuracy"]}
+        row.update({v: runs[bits, v]["test_accuracy"] for v in variants})
+        rows.append(row)
+    return rows
+
+
+def table2_rows(runs: dict, bo_runs: dict, bits_list) -> list[dict]:
+    """Table 2: (1)+(2)+(3) by grid search (``runs[bits, COMBINED]``) vs with BO (``bo_runs[bits]``)."""
+    out = []
+    for bits in bits_list:
+        g, b = runs[bits, COMBINED], bo_runs[bits]
+        out.append({"W/A": f"{bits}/{bits}", "FP": g["fp_test_accuracy"], "MSE": runs[bits, "MSE"]["test_accuracy"],
+                    "Q-Rater grid": g["test_accuracy"], "Q-Rater BO": b["test_accuracy"],
+                    "grid calib": g["calib_accuracy"], "BO calib": b["calib_accuracy"],
+                    "grid probes": len(g["probes"]), "BO probes": len(b["probes"])})
+    return out
+
+
+def bias_selection(rows: list[tuple[str, dict]]) -> tuple[list[str], np.ndarray, dict]:
+    """Fig. 20 data: ``(layer names, on/off matrix (row per run), {row name: layers corrected})``
+    for ``rows = [(row name, run record), ...]`` of runs over the same layers."""
+    names = [rec["name"] for rec in rows[0][1]["layers"]]
+    for n, r in rows:
+        if [rec["name"] for rec in r["layers"]] != names:
+            raise ValueError(f"run {n!r} quantized other layers than {rows[0][0]!r}: Fig. 20 needs the same layers")
+    onoff = np.array([[rec["bias_corrected"] for rec in r["layers"]] for _, r in rows], dtype=float)
+    return names, onoff, {n: int(onoff[i].sum()) for i, (n, _) in enumerate(rows)}
+
+
+def table1_claims(runs: dict, bits_list, model: str) -> list[tuple[str, bool, str]]:
+    """The paper's Table 1 claims on ``runs[(bits, variant)]``: ``[(claim, holds, numbers), ...]``."""
+    def acc(bits, v):
+        return runs[bits, v]["test_accuracy"]
+
+    out = []
+    for bits in bits_list:
+        for v in ["(1) round", "(2) clip", "(3) bias"]:
+            out.append((f"{model} {bits}/{bits}: Q-Rater {v} beats MSE+RTN", acc(bits, v) > acc(bits, "MSE"),
+                        f"{acc(bits, v):.2f} vs {acc(bits, 'MSE'):.2f}"))
+        best_base = max(acc(bits, b) for b in BASELINES)
+        out.append((f"{model} {bits}/{bits}: (1)+(2)+(3) beats the best baseline",
+                    acc(bits, COMBINED) > best_base, f"{acc(bits, COMBINED):.2f} vs {best_base:.2f}"))
+    gains = {bits: acc(bits, COMBINED) - acc(bits, "MSE") for bits in bits_list}
+    desc = sorted(gains, reverse=True)
+    out.append((f"{model}: gain of (1)+(2)+(3) over MSE grows as bits decrease",
+                all(gains[a] <= gains[b] for a, b in zip(desc, desc[1:])),
+                ", ".join(f"{b}/{b}: {g:+.2f}" for b, g in gains.items())))
+    return out
+
+
+def _bo_claim(model: str, bits: int, grid: dict, bo: dict) -> tuple[str, bool, str]:
+    return (f"{model} {bits}/{bits}: BO >= grid for (1)+(2)+(3)", bo["test_accuracy"] >= grid["test_accuracy"],
+            f"{bo['test_accuracy']:.2f} vs {grid['test_accuracy']:.2f}")
+
+
+def bo_claims(runs: dict, bo_runs: dict, bits_list, model: str) -> list[tuple[str, bool, str]]:
+    """Table 2's claim (BO at least as good as the grid) at each width."""
+    return [_bo_claim(model, bits, runs[bits, COMBINED], bo_runs[bits]) for bits in bits_list]
+
+
+def figure_claims(model: str, bits: int, r6: dict, r8: dict, grid: dict | None = None, bo: dict | None = None
+                  ) -> list[tuple[str, bool, str]]:
+    """The claims of Figs. 6, 8, 11 (and Table 2 when ``grid``/``bo`` records are given) on the
+    runs of :func:`figure6_runs` (``r6``) and :func:`figure8_runs` (``r8``)."""
+    out = [] if grid is None else [_bo_claim(model, bits, grid, bo)]
+    sel = r8["selective (Q-Rater)"]["test_accuracy"]
+    out.append((f"{model} {bits}/{bits}: selective bias correction is at least as good as always and never",
+                sel >= max(r8["always"]["test_accuracy"], r8["never"]["test_accuracy"]),
+                ", ".join(f"{k} {r['test_accuracy']:.2f}" for k, r in r8.items())))
+    both, first = r6["W/A Q-Rater (2nd order)"]["test_accuracy"], r6["W/A Q-Rater (1st order)"]["test_accuracy"]
+    out.append((f"{model} {bits}/{bits}: W/A Q-Rater rounding (2nd order) beats the 1st order", both > first,
+                f"{both:.2f} vs {first:.2f}"))
+    w_only, a_only = r6["W Q-Rater / A RTN"]["test_accuracy"], r6["W RTN / A Q-Rater"]["test_accuracy"]
+    out.append((f"{model} {bits}/{bits}: rounding on W and A beats W only and A only", both > max(w_only, a_only),
+                f"{both:.2f} vs W {w_only:.2f}, A {a_only:.2f}"))
+    return out
+
+
+def claim_lines(claims: list[tuple[str, bool, str]]) -> str:
+    """The claims as printed in the notebook: ``True ``/``False`` then the claim and its numbers."""
+    return "\n".join(f"{'True ' if ok else 'False'}  {text}: {numbers}" for text, ok, numbers in claims)
