@@ -161,3 +161,20 @@ def test_notebooks_pass_every_knob_to_resolve():
         for stem, knobs in _resolve_calls(nb):
             assert stem == nb.stem, f"{nb.name} calls resolve(notebook={stem!r})"
             assert knobs == set(defaults) - {"profile"}, f"{nb.name}: resolve() knobs {sorted(knobs)}"
+
+
+def test_reproduce_records_paths_relative_to_the_project_root(root, monkeypatch, tmp_path_factory):
+    """papermill writes the paths it is given into the notebook's metadata: they must not be
+    this machine's absolute paths (the committed notebooks would carry them)."""
+    import papermill
+
+    calls = []
+    monkeypatch.setattr(papermill, "execute_notebook",
+                        lambda i, o, **k: calls.append((i, o, __import__("os").getcwd(), k["parameters"])))
+    monkeypatch.chdir(tmp_path_factory.mktemp("elsewhere"))
+    reproduce.run_notebooks(["notebooks/00-demo.ipynb"])
+    reproduce.run_notebooks(["notebooks/00-demo.ipynb"], profile="smoke")
+    assert calls[0] == ("notebooks/00-demo.ipynb", "notebooks/00-demo.ipynb", str(root), {})
+    smoke_out = calls[1][1]
+    assert smoke_out.startswith("runs/00-demo-smoke-") and smoke_out.endswith("/00-demo.ipynb")
+    assert calls[1][3] == {"profile": "smoke"}

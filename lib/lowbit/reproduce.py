@@ -30,20 +30,32 @@ def executed_path(nb: Path, profile: str | None) -> Path:
     return out / nb.name
 
 
+def _relative(path: Path, root: Path) -> str:
+    return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
+
+
 def run_notebooks(paths, profile: str | None = None) -> float:
     """Execute each notebook (in place at the default profile); returns the total seconds."""
     import papermill as pm
 
     total = 0.0
+    root = project_root()
     for nb in paths:
         nb = Path(nb)
         if not nb.is_absolute():
-            nb = project_root() / nb
+            nb = root / nb
         params = {"profile": profile} if profile else {}
         target = executed_path(nb, profile)
         t0 = time.time()
-        pm.execute_notebook(str(nb), str(target), parameters=params, kernel_name="python3",
-                            cwd=str(nb.parent), progress_bar=False)
+        # papermill records the paths it is given in the notebook's metadata: give them relative
+        # to the project root (run from there), never as this machine's absolute paths
+        here = Path.cwd()
+        os.chdir(root)
+        try:
+            pm.execute_notebook(_relative(nb, root), _relative(target, root), parameters=params,
+                                kernel_name="python3", cwd=str(nb.parent), progress_bar=False)
+        finally:
+            os.chdir(here)
         dt = time.time() - t0
         total += dt
         where = "" if target == nb else f"  -> {target}"
