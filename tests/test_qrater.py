@@ -1,7 +1,7 @@
 """Tests of lowbit.qrater's rounding (eqs. 3-6), clipping, the Table 1 baselines and the grid + BO search.
 
 Algorithm 1 (lowbit.qrater.algorithm) is tested in test_qrater_algorithm.py, notebook 05's
-plumbing (lowbit.qrater.experiments) in test_qrater_experiments.py.
+plumbing (lowbit.qrater.experiments.runs) in test_qrater_experiments.py.
 """
 import math
 

@@ -44,8 +44,8 @@ def test_cached_experiment_runs_once_and_replays_curves(out_dir, monkeypatch):
         calls["curve"] += 1
         return {"counts": counts, "accuracy": [99.0 - k for k in counts], "test_n": test_n, "seconds": 0.0}
 
-    monkeypatch.setattr(ex, "experiment", fake_experiment)
-    monkeypatch.setattr(ex, "experiment_curve", fake_curve)
+    monkeypatch.setattr(ex.runs, "experiment", fake_experiment)
+    monkeypatch.setattr(ex.runs, "experiment_curve", fake_curve)
     c = dict(LENET, per_class=3, curve_bits=[], curve_n=50, curve_counts=[0, 2])  # no committed run has this
     r = ex.cached_experiment(c, 3, "(2) clip", with_curve=True)
     assert r["curve"] == [99.0, 97.0] and r["curve_counts"] == [0, 2] and r["curve_n"] == 50

@@ -19,11 +19,11 @@ import time
 import numpy as np
 import torch
 
-from ..data import TensorImageDataset, as_tensors, load_dataset
-from ..evaluate import accuracy, checkpoint_accuracy
-from ..models import load_pretrained
-from ..results import cached, config_key
-from .algorithm import incremental_accuracy, run
+from ...data import TensorImageDataset, as_tensors, load_dataset
+from ...evaluate import accuracy, checkpoint_accuracy
+from ...models import load_pretrained
+from ...results import cached, config_key
+from ..algorithm import incremental_accuracy, run
 
 # Table 1 columns: clipping baselines with RTN, and Q-Rater operations (1) round, (2) clip, (3) bias
 TABLE1_VARIANTS = {

@@ -2,7 +2,7 @@
 
 Kim, Lee, Ro, Jeon, Kwon, Park, Oh, *Q-Rater: Non-Convex Optimization for Post-Training Uniform
 Quantization*, arXiv:2105.01868. Only drawing lives here: the runs come from
-:mod:`lowbit.qrater.experiments`; each ``figure*`` function saves the figure through
+:mod:`lowbit.qrater.experiments.runs`; each ``figure*`` function saves the figure through
 :func:`lowbit.plotting.save_figure` and returns it (the notebook shows it).
 """
 from __future__ import annotations
@@ -10,9 +10,9 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 import numpy as np
 
-from ..plotting import save_figure
-from .experiments import BASELINES, bias_selection, sweep
-from .rounding import range_division
+from ...plotting import save_figure
+from .runs import BASELINES, bias_selection, sweep
+from ..rounding import range_division
 
 _TENSOR = {"w": "weights", "a": "activations"}
 
