@@ -1,0 +1,240 @@
+"""README's "Results at a glance" against the committed tables it quotes (PySDM's test_table_1 habit).
+
+Each row of the README table is rebuilt from the committed `figures/*.csv` (and, for the three
+benchmark rows, the committed `bench/results/*.json`) at the precision the README prints, and
+must appear verbatim in the row's "what" and "ours" cells. Every other number left in those cells
+must be a label (model names, bit widths, option numbers) or be listed in UNSOURCED with the
+reason it has no table behind it. The "paper" column holds the papers' numbers and is not checked.
+"""
+import csv
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+NUMBER = re.compile(r"(?<![A-Za-z\-])\d+(?:[.,]\d+)*")
+
+
+def _rows() -> dict:
+    """``{first words of "what": "what" + " | " + "ours"}`` of the README's results table."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Results at a glance", 1)[1].split("\n## ", 1)[0]
+    rows = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]]
+        if len(cells) == 4 and cells[0] not in ("what", "---"):
+            rows[cells[0]] = f"{cells[0]} | {cells[1]}".replace("\\|", "|")
+    return rows
+
+
+def _csv(name: str) -> list[dict]:
+    with open(ROOT / "figures" / f"{name}.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _one(rows: list[dict], **match) -> dict:
+    found = [r for r in rows if all(r[k] == v for k, v in match.items())]
+    assert len(found) == 1, f"{match}: {len(found)} rows"
+    return found[0]
+
+
+def _bench(name: str) -> dict:
+    return json.loads((ROOT / "bench" / "results" / f"{name}.json").read_text())
+
+
+def f2(x) -> str:
+    return f"{float(x):.2f}"
+
+
+def f1(x) -> str:
+    return f"{float(x):.1f}"
+
+
+def f0(x) -> str:
+    return f"{float(x):.0f}"
+
+
+def _acc(cell: str) -> str:
+    """The top-1 in parentheses of a degradation cell ``"0.52 ± 0.11 (90.07)"``."""
+    return re.search(r"\(([-\d.]+)\)", cell).group(1)
+
+
+def _std(cell: str) -> str:
+    return re.search(r"± ([\d.]+)", cell).group(1)
+
+
+def row_fp():
+    t = _csv("fp_baselines")
+    acc = {(r["model"], r["data set"]): r["top-1 (re-evaluated)"] for r in t}
+    assert all(r["test images"] == "10000" for r in t)  # "full test sets"
+    return [f"LeNet-5/MNIST {f2(acc['lenet5', 'mnist'])} %", f"LeNet-5/Fashion-MNIST {f2(acc['lenet5', 'fashion-mnist'])} %",
+            f"ResNet-20/Fashion-MNIST {f2(acc['resnet20', 'fashion-mnist'])} %"], ["LeNet-5", "ResNet-20"]
+
+
+def row_universal_counts():
+    t = _csv("sq_table1_universal_sets")
+    assert all(r["|S_U|"] == r["paper |S_U|"] and r["QPS 4-bit"] == r["paper QPS 4-bit"] for r in t)  # "exact"
+    return ["/".join(r["|S_U|"] for r in t) + " and " + "/".join(r["QPS 4-bit"] for r in t) + ": exact"], \
+        ["options 1-5", "4-bit"]
+
+
+def row_universal_options():
+    t = [r for r in _csv("sq_supp_table2_options") if r["model"] == "resnet20/fashion-mnist" and r["bits"] == "4"]
+    assert [r["option"] for r in t] == ["1", "2", "3", "4", "5"]
+    assert {r["FP top-1"] for r in t} == {"93.35"}
+    err = [float(r["weight error (rel. MSE %)"]) for r in t]
+    best = min(range(5), key=err.__getitem__)
+    others = [e for i, e in enumerate(err) if i != best]
+    return [f"(FP {f2(t[0]['FP top-1'])}, full test set)",
+            "top-1 " + " / ".join(f2(r["top-1 wgt. only"]) for r in t),
+            f"option {best + 1} has the smallest weight error ({f2(err[best])} % vs {f2(min(others))}-{f2(max(others))} %)",
+            "exhaustive search " + " / ".join(f1(r["search (s, ours)"]) for r in t) + " s"], \
+        ["options 1-5", "ResNet-20", "W4"]
+
+
+def row_hw_cost():
+    t = _csv("sq_supp_table2_hw_cost")
+    assert all(r["match"] == "True" for r in t)  # "exact"
+    return ["/".join(r["hw_cost"] for r in t) + ": exact"], ["(4-bit input), options 1-5"]
+
+
+def row_convergence():
+    census, traced = _csv("sq_convergence_census"), _csv("sq_convergence_traced")
+    winner = _csv("sq_convergence_winner")
+    assert all(r["not converged"] == "0" for r in census)
+    runs = sum(int(r["QPS x channel runs"]) for r in census)
+    means = [float(r["mean iterations"]) for r in census]
+    gaps = [f0(_one(traced, bits=b)["gap > 1e-9 %"]) for b in ("2", "3", "4")]
+    changed = sum(r["same QPS wins"] == "False" for r in winner)
+    return [f"all {runs:,} runs converged", f"{f1(min(means))}-{f1(max(means))} updates on average",
+            f"in {'/'.join(gaps)} % of runs at 2/3/4 bits", f"changes the winning QPS in {changed} of {len(winner)} tensors"], \
+        ["(eqs. 8-10), option 5", "ResNet-20", "LeNet-5"]
+
+
+def _ptq(network: str):
+    t2 = {r["method"]: r for r in _csv("sq_table2_weight_only") if r["network"] == network}
+    t3 = {r["method"]: r for r in _csv("sq_table3_fully_quantized") if r["network"] == network}
+    assert t2["APoT"]["2/32"] == t2["uniform"]["2/32"]  # "APoT/uniform" shares one number
+    phrases = [f"FP {f2(t2['SQ weight-only']['FP'])}",
+               f"W3: SQ {_acc(t2['SQ weight-only']['3/32'])}, APoT {_acc(t2['APoT']['3/32'])}, "
+               f"uniform {_acc(t2['uniform']['3/32'])}",
+               f"W2: SQ {_acc(t2['SQ weight-only']['2/32'])}, APoT/uniform {_acc(t2['APoT']['2/32'])}",
+               f"with refine W2: SQ {_acc(t2['SQ + refine']['2/32'])} ± {_std(t2['SQ + refine']['2/32'])}, "
+               f"uniform {_acc(t2['uniform + refine']['2/32'])} ± {_std(t2['uniform + refine']['2/32'])}"]
+    w2a4 = (f"W2A4 with refine: SQ {_acc(t3['SQ + refine']['2/4'])} ± {_std(t3['SQ + refine']['2/4'])}, "
+            f"uniform {_acc(t3['uniform + refine']['2/4'])} ± {_std(t3['uniform + refine']['2/4'])}")
+    return phrases, w2a4
+
+
+def row_ptq_lenet():
+    phrases, _ = _ptq("lenet5/fashion-mnist")
+    return phrases, ["LeNet-5"]
+
+
+def row_ptq_resnet():
+    phrases, w2a4 = _ptq("resnet20/fashion-mnist")
+    return phrases + [w2a4], ["ResNet-20"]
+
+
+def row_mac_exact():
+    t = _csv("sq_hw_layer_exactness")
+    assert all(r["exact_acc"] == "True" for r in t)
+    return [f"all {len(t)} layers exact"], ["ResNet-20 W4A8"]
+
+
+def row_qrater():
+    t = _csv("qrater_table1_resnet20")
+    methods = ["MSE", "ACIQ", "KL", "(1) round", "(2) clip", "(3) bias", "(1)+(2)", "(1)+(2)+(3)"]
+    assert all(max(methods, key=lambda m: float(r[m])) == "ACIQ" for r in t)  # "the best column at every width"
+    fp = {r["FP"] for r in t}
+    assert len(fp) == 1
+    pairs = ", ".join(f"{r['W/A']} {f2(r['(1)+(2)+(3)'])} vs {f2(r['MSE'])}" for r in t)
+    return [f"FP {f2(fp.pop())}", f"(1)+(2)+(3) vs MSE+RTN: {pairs}",
+            f"ACIQ is the best column at every width (3/3: {f2(_one(t, **{'W/A': '3/3'})['ACIQ'])})"], \
+        ["Q-Rater Table 1", "ResNet-20"]
+
+
+def row_qps_bench():
+    b = _bench("qps_search")
+    a, c, ref, prune = b["a_fast_option5"], b["c_fast_option4"], b["b_reference_vs_fast"], b["b_prime_pruning"]
+    assert a["all_measured"] and c["all_measured"] and ref["same_qps"] and prune["same_qps_and_loss"]
+    assert a["seconds"] < a["target_seconds"] and c["seconds"] < c["target_seconds"]  # "met"
+    qps4 = int(_one(_csv("sq_table1_universal_sets"), option="4")["QPS 4-bit"])
+    return [f"option 5: {f1(a['seconds'])} s (target {a['target_seconds']} s: met)",
+            f"option 4 ({qps4:,} QPS): {f0(c['seconds'])} s measured in full (target {c['target_seconds']} s: met)",
+            f"fast vs reference on one layer: {f0(ref['ratio_reference_over_fast'])}x, same QPS",
+            f"exact branch and bound alone: {f2(prune['ratio'])}x"], ["ResNet-18", "4-bit"]
+
+
+def row_mac_bench():
+    b = _bench("mac")
+    assert b["within_target"] and b["worst_ratio"] < b["target_ratio"]
+    return [f"worst {f1(b['worst_ratio'])}x wall / {f1(b['worst_cpu_ratio'])}x CPU time",
+            f"(target {f0(b['target_ratio'])}x: met)"], []
+
+
+def row_quantize_bench():
+    rows = _bench("quantize")["rows"]
+    assert all(r["identical"] for r in rows)  # "bit-identical in float64"
+    return [" / ".join(f"{f1(r['ratio'])}x" for r in rows) + " faster at "
+            + " / ".join(str(r["points"]) for r in rows) + " points, bit-identical in float64"], \
+        ["(SQ eq. 3)", "ResNet-18"]
+
+
+# README row (start of "what") -> its check
+CHECKS = {
+    "FP baselines": row_fp,
+    "|S_U| and 4-bit QPS counts": row_universal_counts,
+    "universal-set options 1-5": row_universal_options,
+    "relative HW cost": row_hw_cost,
+    "scale-factor iteration": row_convergence,
+    "weight-only PTQ, LeNet-5": row_ptq_lenet,
+    "PTQ, ResNet-20": row_ptq_resnet,
+    "shift-add MAC bit-exactness": row_mac_exact,
+    "Q-Rater Table 1": row_qrater,
+    "QPS search": row_qps_bench,
+    "MAC simulator vs float conv": row_mac_bench,
+    "shared quantizer": row_quantize_bench,
+}
+
+# numbers in the README with no committed table behind them: (row, exact text, why)
+UNSOURCED = [
+    ("weight-only PTQ, LeNet-5", "5 calibration seeds", "the seed count is in notebook 03's profile, not in a CSV"),
+    ("PTQ, ResNet-20", "first 2000 test images", "notebook 03's test size is in its profile, not in the CSV"),
+    ("PTQ, ResNet-20", "5 calibration seeds", "the seed count is in notebook 03's profile, not in a CSV"),
+    ("shift-add MAC bit-exactness", "10000/10000 identical predictions",
+     "printed by notebook 04 from the data/derived cache sq_hw_int_vs_fake_logits; no CSV"),
+    ("Q-Rater Table 1", "first 2000 test images",
+     "in the note of figures/qrater_table1_resnet20.md, not in its CSV"),
+]
+
+
+def _row(key: str) -> str:
+    rows = _rows()
+    found = [text for what, text in rows.items() if what.replace("\\|", "|").startswith(key)]
+    assert len(found) == 1, f"README results row starting {key!r}: found {len(found)}"
+    return found[0]
+
+
+def test_every_readme_row_has_a_check():
+    rows = _rows()
+    assert len(rows) == len(CHECKS)
+    for what in rows:
+        assert sum(what.replace("\\|", "|").startswith(k) for k in CHECKS) == 1, what
+
+
+@pytest.mark.parametrize("key", list(CHECKS))
+def test_readme_numbers_equal_the_committed_tables(key):
+    text = _row(key)
+    phrases, labels = CHECKS[key]()
+    missing = [p for p in phrases if p not in text]
+    assert not missing, f"README row {key!r} does not say what the tables say:\n  " + "\n  ".join(missing) + \
+        f"\nREADME: {text}"
+    rest = text
+    for p in sorted(phrases + labels + [u for k, u, _ in UNSOURCED if k == key], key=len, reverse=True):
+        assert p in text, f"{p!r} not in README row {key!r}"
+        rest = rest.replace(p, " ")
+    stray = NUMBER.findall(rest)
+    assert not stray, f"README row {key!r} has numbers no check covers: {stray} (left: {rest!r})"
