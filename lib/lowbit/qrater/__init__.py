@@ -31,14 +31,29 @@ Quantization is **layer-wise and symmetric** for weights and activations, as in 
 when they are non-negative on the calibration set (after a ReLU) they use the unsigned range
 ``0 .. 2^q - 1`` with step ``Th_c / (2^q - 1)``, else the signed one.
 """
+import importlib
+
 from ..core.clipping import CLIP_RULES, aciq_coefficient, baseline_threshold  # noqa: F401
 from .algorithm import (QRaterResult, QRaterState, act_quant, apply, bias_corr, incremental_accuracy,  # noqa: F401
                         run, weight_quant)
 from .config import (BIAS_MODES, OBJECTIVES, OPS, PAPER_BO_STEPS, PAPER_CLIP_GRID, PAPER_GAMMA_N_GRID,  # noqa: F401
                      PAPER_GAMMA_S_GRID, SEARCHES, TARGETS, QRaterConfig)
-from .experiments import (TABLE1_VARIANTS, balanced_subset, bo_claims, cached_experiment, claim_lines,  # noqa: F401
-                          experiment, experiment_curve, figure6_runs, figure7_runs, figure8_runs, figure_claims,
-                          sweep, table1_claims, table1_rows, table1_runs, table2_rows)
 from .rounding import (ActRounding, clip_round_activation, clip_round_weight, clip_threshold,  # noqa: F401
                        range_division, round_values, round_values_reference)
 from .search import GAMMA_C_BOUNDS, bayes_search, best_probe  # noqa: F401
+
+# notebook 05's experiments (a higher layer than the algorithm): reachable as lowbit.qrater.<name>,
+# imported on first use so that the paper layer does not import its experiments at import time
+_EXPERIMENTS = ("TABLE1_VARIANTS", "balanced_subset", "bo_claims", "cached_experiment", "claim_lines", "experiment",
+                "experiment_curve", "figure6_runs", "figure7_runs", "figure8_runs", "figure_claims", "sweep",
+                "table1_claims", "table1_rows", "table1_runs", "table2_rows")
+
+
+def __getattr__(name: str):
+    if name in _EXPERIMENTS:
+        return getattr(importlib.import_module(".experiments", __name__), name)
+    raise AttributeError(f"module 'lowbit.qrater' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPERIMENTS))
