@@ -11,13 +11,7 @@ from lowbit.nn import fold_bn, quantizable_layers
 from lowbit.qrater.state import PrefixRunner, QuantizedCopy, channel_mean
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small tensors: one torch thread is much faster than two on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _randomize_bn(model, seed=0):
