@@ -15,6 +15,15 @@ import torch.nn.functional as F
 class _QuantMixin:
     """Shared parts of :class:`QuantConv2d` and :class:`QuantLinear`."""
 
+    @torch.no_grad()
+    def _take_float(self, layer: nn.Module, quantizer, role: str):
+        """Copy ``layer``'s weight and bias, then quantize the weight with ``quantizer``; returns ``self``."""
+        self.weight.copy_(layer.weight)
+        if layer.bias is not None:
+            self.bias.copy_(layer.bias)
+        self._init_quant(quantizer, role)
+        return self
+
     def _init_quant(self, quantizer, role: str):
         w_fp = self.weight.detach().clone()
         self.register_buffer("weight_fp", w_fp)
@@ -52,12 +61,7 @@ class QuantConv2d(_QuantMixin, nn.Conv2d):
         new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                   conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,
                   device=conv.weight.device, dtype=conv.weight.dtype)
-        with torch.no_grad():
-            new.weight.copy_(conv.weight)
-            if conv.bias is not None:
-                new.bias.copy_(conv.bias)
-        new._init_quant(quantizer, role)
-        return new
+        return new._take_float(conv, quantizer, role)
 
     def forward(self, x):
         return self._wrap(x, lambda t: self._conv_forward(t, self.weight, self.bias))
@@ -70,12 +74,7 @@ class QuantLinear(_QuantMixin, nn.Linear):
     def from_float(cls, fc: nn.Linear, quantizer, role: str = "body") -> "QuantLinear":
         new = cls(fc.in_features, fc.out_features, fc.bias is not None,
                   device=fc.weight.device, dtype=fc.weight.dtype)
-        with torch.no_grad():
-            new.weight.copy_(fc.weight)
-            if fc.bias is not None:
-                new.bias.copy_(fc.bias)
-        new._init_quant(quantizer, role)
-        return new
+        return new._take_float(fc, quantizer, role)
 
     def forward(self, x):
         return self._wrap(x, lambda t: F.linear(t, self.weight, self.bias))
