@@ -1,7 +1,9 @@
 """Benchmark of the QPS search (SQ Algorithm 1) on torchvision ResNet-18 conv weights.
 
-SQ paper (001_ab6a87911af615e3.txt) section 3.3 and supplement (000_78fd3e0a063562c7.txt)
-Table 2: a full 4-bit option-5 search of ResNet-18 takes "0.5 h" on a GPU, option 4 "40 h".
+Oh, Sim, Kim, Lee, *Non-Uniform Step Size Quantization for Accurate Post-Training Quantization*
+(Subset Quantization, ECCV 2022, doi:10.1007/978-3-031-20083-0_39), section 3.3, and its
+supplementary material, Table 2: a full 4-bit option-5 search of ResNet-18 takes "0.5 h" on a GPU,
+option 4 "40 h".
 
 Setting: torchvision ``resnet18`` with random weights (the search cost does not depend on the
 values), every conv layer except the first, 4 bits, channel granularity.
@@ -13,8 +15,8 @@ values), every conv layer except the first, 4 bits, channel granularity.
     run stops after that many seconds and *projects* the rest from the measured seconds per
     (candidate, channel) pair; the JSON says which layers were measured and which projected.
 
-The fast search is the default ``search_qps`` (compiled kernel with the exact branch and bound
-over channels, ``prune=True``); ``pairs_evaluated`` per layer says how many (QPS, channel)
+The fast search is the default ``search_qps`` (the compiled kernel of ``lowbit.sq.kernel`` with
+the exact branch and bound over channels, ``prune=True``); ``pairs_evaluated`` per layer says how many (QPS, channel)
 pairs it actually ran. (b) also times the plain kernel (``prune=False``) for the ratio of the
 pruning alone on one large layer.
 
