@@ -111,7 +111,7 @@ def test_bad_arguments_raise():
 
 
 def test_convergence_record_counts_case3_but_no_loss_rise():
-    rec = lowbit.scale.convergence_record([0.41, 0.93, 1.17, 1.58, 2.07, 2.16], [1.0, 2.0])
+    rec = lowbit.sq.scale.convergence_record([0.41, 0.93, 1.17, 1.58, 2.07, 2.16], [1.0, 2.0])
     assert rec["iterations"] == 3 and rec["converged"] and rec["exact_fixed_point"]
     assert rec["case3_events"] == 1 and rec["loss_rises"] == 0 and rec["direction_changes"] == 0
     assert rec["global_loss"] <= rec["loss"] * (1 + 1e-12)

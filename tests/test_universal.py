@@ -68,10 +68,20 @@ def test_bad_terms_raise():
 
 
 def test_bits_errors_name_largest_width():
-    with pytest.raises(ValueError, match="bits must be >= 1"):
-        lowbit.qps_count(5, 0)
+    for bits in (0, 1, -3):  # the one bits rule (check_bits): an int >= 2
+        with pytest.raises(ValueError, match="SQ bits must be between 2"):
+            lowbit.qps_count(5, bits)
+        with pytest.raises(ValueError, match="SQ bits must be between 2"):
+            U.qps_indices(5, bits)
+    assert lowbit.qps_count(5, 2) == 105  # the smallest width: N = 2 points
     with pytest.raises(ValueError, match="use bits <= 4"):
         lowbit.qps_count(5, 5)  # N = 16 > 15
     assert U.max_bits(5) == 4 and U.max_bits(4) == 5
     with pytest.raises(TypeError):
         lowbit.qps_count(5, 2.5)
+
+
+def test_single_point_universal_set_has_no_qps():
+    with pytest.raises(ValueError, match="only .S_U. = 1 point"):
+        lowbit.qps_count(([0.5], [0.0]), 2)
+    assert lowbit.qps_count(([0.5], [0.0, 0.25]), 2) == 1  # two points: exactly one 2-bit QPS

@@ -1,17 +1,18 @@
 """Scale factor of a QPS: SQ's fixed-point iteration (eqs. 8-10) and the exact global optimum.
 
-SQ paper (001_ab6a87911af615e3.txt), section 3.3 "Finding Optimal Scale Factor": with the
-QPS ``{q_j}`` fixed, each weight goes to its nearest point of ``{+-alpha * q_j}`` (eq. 8),
-the loss is ``L = sum_i (w_i - alpha q_i)^2`` (eq. 9) and ``alpha* = sum w_i q_i / sum q_i^2``
-(eq. 10); (8)-(10) repeat until alpha changes by less than the tolerance (1e-5 in the paper,
-"17 iterations on average").
+Oh, Sim, Kim, Lee, *Non-Uniform Step Size Quantization for Accurate Post-Training Quantization*
+(Subset Quantization, ECCV 2022, doi:10.1007/978-3-031-20083-0_39), section 3.3 "Finding Optimal
+Scale Factor": with the QPS ``{q_j}`` fixed, each weight goes to its nearest point of
+``{+-alpha * q_j}`` (eq. 8), the loss is ``L = sum_i (w_i - alpha q_i)^2`` (eq. 9) and
+``alpha* = sum w_i q_i / sum q_i^2`` (eq. 10); (8)-(10) repeat until alpha changes by less than
+the tolerance (1e-5 in the paper, "17 iterations on average").
 
-Conventions (shared by every search in :mod:`lowbit.search`):
+Conventions (shared by every search in :mod:`lowbit.sq.search`):
 
 * Initialisation, as the paper: "alpha = 1" on weights normalized so that ``max|w|`` maps to
   ``max(points)``, i.e. the first scale is ``s0 = max|w| / max(points)``. The tolerance is
   on that normalized alpha: the loop stops when ``|s_new - s| / s0 <= tol``.
-* Nearest point and ties: :mod:`lowbit.qps` (a magnitude half-way between two points goes
+* Nearest point and ties: :mod:`lowbit.core.points` (a magnitude half-way between two points goes
   to the smaller one); a zero weight is quantized to 0 (``sign(0) = 0``), so it adds nothing
   to the sums of eq. 10 nor to the loss.
 * If every non-zero weight falls on the point 0, eq. 10 is 0/0: the loss is then
@@ -33,7 +34,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 from ..core.validation import as_points, as_weights, check_tol
 

@@ -1,12 +1,15 @@
 """Universal sets S_U = {a + b : a in A, b in B} and the quantization point sets (QPS) in them.
 
-SQ paper (001_ab6a87911af615e3.txt), section 3.2 eq. 7 (a QPS is any N-subset of S_U) and
-section 3.4 Table 1 (the five (A, B) design options); supplement (000_78fd3e0a063562c7.txt)
-section 1, Table 2 (|S_U| = 12, 16, 17, 23, 15 and QPS counts 495, 12870, 24310, 490314, 6435
-at 4 bits).
+Oh, Sim, Kim, Lee, *Non-Uniform Step Size Quantization for Accurate Post-Training Quantization*
+(Subset Quantization, ECCV 2022, doi:10.1007/978-3-031-20083-0_39), section 3.2 eq. 7 (a QPS is
+any N-subset of S_U) and section 3.4 Table 1 (the five (A, B) design options); its supplementary
+material, section 1, Table 2 (|S_U| = 12, 16, 17, 23, 15 and QPS counts 495, 12870, 24310, 490314,
+6435 at 4 bits).
 
 A QPS holds the N = 2**(bits-1) non-negative points of a ``bits``-bit quantizer (the sign bit
-mirrors them, eq. 5-7), so the number of candidate QPS is C(|S_U|, N) (Algorithm 1).
+mirrors them, eq. 5-7), so the number of candidate QPS is C(|S_U|, N) (Algorithm 1). Bit widths
+follow the one rule of :func:`lowbit.core.validation.check_bits`: an int >= 2 (a 1-bit QPS would
+be a single point); the upper bound is the universal set's (:func:`check_fits`).
 
 Sets are returned *unnormalized* (option 5 reaches 1 + 1 = 2): the scale factor absorbs any
 normalization (section 3.4: "the sets are equivalent to their scaled versions").
@@ -103,7 +106,7 @@ def max_bits(option=CHOSEN_OPTION) -> int:
 
 
 def qps_size(bits: int) -> int:
-    """N = 2**(bits-1): non-negative points in a ``bits``-bit QPS (sign bit included)."""
+    """N = 2**(bits-1): non-negative points in a ``bits``-bit QPS (sign bit included; bits >= 2)."""
     return 2 ** (check_bits(bits, "SQ bits", hi=64) - 1)
 
 
@@ -111,6 +114,9 @@ def check_fits(option, bits: int) -> int:
     """N for ``bits`` after checking that N <= |S_U|; the error names the largest usable width."""
     n_points = qps_size(bits)
     size = set_size(option)
+    if size < 2:
+        raise ValueError(f"this universal set has only |S_U| = {size} point: even a 2-bit QPS needs N = 2; "
+                         "use a larger universal set")
     if n_points > size:
         raise ValueError(f"{bits}-bit QPS needs N = 2**({bits}-1) = {n_points} points but this "
                          f"universal set has only |S_U| = {size}: use bits <= {max_bits(option)} "
