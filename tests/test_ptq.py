@@ -294,3 +294,26 @@ def test_refine_is_deterministic_for_a_seed(lenet):
     a = lowbit.quantize_model(lenet, "uniform", 3, a_bits=4, calib=x, refine=True, seed=2, max_rows=500)
     b = lowbit.quantize_model(lenet, "uniform", 3, a_bits=4, calib=x, refine=True, seed=2, max_rows=500)
     assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_quantize_model_reproduces_the_search_loss_on_degenerate_channels():
+    # issue 10 defect 1: all-zero, constant and single-weight output channels; the quantized model's
+    # weights give back the SQ search's loss exactly (float64 model: no cast in between)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 5, 3), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(5 * 4 * 4, 3)).double()
+    with torch.no_grad():
+        w = model[2].weight
+        w[0] = 0.0  # all-zero channel
+        w[1] = 0.37  # constant channel
+        w[2] = 0.0
+        w[2, 1, 1, 1] = -0.8  # a single non-zero weight
+        w[3, 0, 0, 0] = 0.0  # an exact zero in an ordinary channel
+    q = lowbit.quantize_model(model, "sq", 2, fold=False)
+    body = dict(lowbit.nn.quantized_layers(q))["2"]
+    err = ((body.weight - body.weight_fp) ** 2).reshape(5, -1).sum(1)
+    res = lowbit.search_qps(model[2].weight.detach(), 2)
+    assert torch.allclose(err, torch.as_tensor(res.channel_losses), rtol=1e-12, atol=0)
+    assert float(err.sum()) == pytest.approx(body.quantizer.info["search_loss"], rel=1e-12)
+    assert float(err[0]) == 0.0 and float(torch.as_tensor(body.quantizer.scale)[0]) == 0.0
+    assert torch.all(body.weight[0] == 0)

@@ -80,13 +80,20 @@ def test_global_finds_better_fixed_point_than_iteration():
 
 
 def test_degenerate_inputs():
-    res = lowbit.optimal_scale(np.zeros(5), [0, 1])
-    assert (res.scale, res.loss, res.iterations, res.converged) == (1.0, 0.0, 0, True)
-    assert lowbit.global_optimal_scale(torch.zeros(3), [1, 2]).loss == 0.0
+    res = lowbit.optimal_scale(np.zeros(5), [0.5, 1])  # all-zero: scale 0 is the exact minimiser
+    assert (res.scale, res.loss, res.iterations, res.converged) == (0.0, 0.0, 0, True)
+    glob = lowbit.global_optimal_scale(torch.zeros(3), [1, 2])
+    assert (glob.scale, glob.loss) == (0.0, 0.0)
     res = lowbit.optimal_scale([0.1, -0.2], [0])  # QPS {0}: loss is sum w^2
     assert res.loss == pytest.approx(0.05)
-    # zero weights add nothing even when 0 is not a point
-    assert lowbit.optimal_scale([0.0, 2.0], [1, 2]).loss == pytest.approx(0.0)
+    # eq. 3 has no zero level when 0 is not a point: a zero weight sits on s * p_min, so
+    # L(s) = s^2 + (2 - 2 s)^2 here, minimised at s = 0.8 (loss 0.8), by both scale searches
+    res = lowbit.optimal_scale([0.0, 2.0], [1, 2])
+    assert (res.scale, res.loss) == (pytest.approx(0.8), pytest.approx(0.8))
+    glob = lowbit.global_optimal_scale([0.0, 2.0], [1, 2])
+    assert (glob.scale, glob.loss) == (pytest.approx(0.8), pytest.approx(0.8))
+    # with 0 in the QPS a zero weight costs nothing
+    assert lowbit.optimal_scale([0.0, 2.0], [0, 2]).loss == pytest.approx(0.0)
     res = lowbit.optimal_scale([1.0, 1.0, 4.0], [0.5, 2], max_iter=1)
     assert res.iterations == 1
 

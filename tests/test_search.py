@@ -35,13 +35,15 @@ def layers(draw, min_channels=1, max_channels=4, max_weights=12):
     w = draw(hnp.arrays(np.float64, (c, n), elements=elems))
     for kind in draw(st.lists(st.sampled_from(SPECIAL), max_size=3)):
         row = draw(st.integers(0, c - 1))
+        # dyadic specials: mixed with dyadic weights every sum stays exact, so the fast path's
+        # grouped sums equal the reference's term by term even on exact ties (see lowbit.sq.search)
         if kind == "zero_channel":
             w[row] = 0.0
         elif kind == "constant_channel":
-            w[row] = draw(st.sampled_from([0.5, -1.25, 0.3, 1e-3]))
+            w[row] = draw(st.sampled_from([0.5, -1.25, 0.375, 2.0 ** -10]))
         else:
             w[row] = 0.0
-            w[row, draw(st.integers(0, n - 1))] = draw(st.sampled_from([0.7, -2.0, 1e-3]))
+            w[row, draw(st.integers(0, n - 1))] = draw(st.sampled_from([0.625, -2.0, 2.0 ** -10]))
     return w
 
 
@@ -93,8 +95,10 @@ def assert_reproduces_own_loss(w, res):
     """The returned QPS and scales reproduce ``channel_losses`` and ``loss`` (float64 eq. 3), and
     each channel's loss is the eq. 9 loss of the scale iteration on that channel."""
     scales = np.full(w.shape[0], res.scale) if res.granularity == "layer" else res.scale
-    assert np.all(np.isfinite(scales)) and np.all(scales > 0)
+    assert np.all(np.isfinite(scales)) and np.all(scales >= 0)
     rows = w.reshape(1, -1) if res.granularity == "layer" else w.reshape(w.shape[0], -1)
+    for c, row in enumerate(rows):  # an all-zero channel (or layer) gets its exact minimiser, scale 0
+        assert (scales[c] == 0) == (not np.any(row))
     assert res.channel_losses.shape == (rows.shape[0],)
     for c in range(rows.shape[0]):
         wc = torch.as_tensor(rows[c])
@@ -138,8 +142,14 @@ def test_reported_zero_channel_example_reproduces_its_loss():
     for kw in VARIANTS:
         res = lowbit.search_qps(w, 2, 5, **kw)
         assert_reproduces_own_loss(w, res)
-        assert res.channel_losses[2] == 0.0 and res.scale[2] == 1.0  # no defined scale: 1.0, nothing lost
+        assert res.channel_losses[2] == 0.0 and res.scale[2] == 0.0  # scale 0: the exact minimiser
         assert np.all(res.quantize(torch.as_tensor(w))[2].numpy() == 0.0)
+        # the MAC sees the same weights: eq. 3 has no zero level when 0 is not in the QPS, and the
+        # hardware codes a zero weight as +p_min; with scale 0 the channel still decodes to 0
+        codes, decoder = lowbit.hw.encode_sq(torch.as_tensor(w), res.points, torch.as_tensor(res.scale), 5)
+        hw_w = lowbit.hw.decode_sq(codes, decoder).numpy()
+        assert np.array_equal(hw_w, res.quantize(torch.as_tensor(w)).numpy())
+        assert float(((w - hw_w) ** 2).sum()) == pytest.approx(res.loss, rel=1e-12)
         results.append(res)
     ref = results[0]
     for res in results[1:]:
@@ -349,3 +359,21 @@ def test_search_model_is_cached_with_its_measured_seconds(out_dir):
     assert [f["layer"] for f in first] == ["conv2", "fc1", "fc2"]
     assert first == again  # loaded, not recomputed
     assert list(out_dir.glob("derived/sq_search_model-*.json"))
+
+
+def test_zero_weights_take_the_nearest_level_when_the_qps_has_no_zero():
+    # eq. 3 over S_Q = {+-s p}: a zero weight goes to +s * p_min (the tie with -s * p_min goes to +), in
+    # the quantizer, the reference iteration, every search backend and the MAC encoder alike
+    w = np.array([[0.0, 0.9, -1.1, 2.0, 0.0, -0.3], [1.0, 0.0, 0.5, -0.25, 0.75, 0.0]])
+    ref = lowbit.search_qps(w, 2, 5, method="reference")
+    p_min = float(np.min(ref.points))
+    assert p_min > 0  # this layer's best 2-bit QPS of option 5 drops 0
+    q = ref.quantize(torch.as_tensor(w)).numpy()
+    assert np.allclose(q[w == 0], (np.asarray(ref.scale)[:, None] * p_min * np.ones_like(w))[w == 0])
+    for kw in VARIANTS[1:]:
+        res = lowbit.search_qps(w, 2, 5, **kw)
+        assert res.index == ref.index and np.allclose(res.scale, ref.scale, rtol=1e-12)
+        assert res.loss == pytest.approx(ref.loss, rel=1e-12)
+    assert ref.loss == pytest.approx(float(((w - q) ** 2).sum()), rel=1e-12)
+    codes, decoder = lowbit.hw.encode_sq(torch.as_tensor(w), ref.points, torch.as_tensor(ref.scale), 5)
+    assert np.array_equal(lowbit.hw.decode_sq(codes, decoder).numpy(), q)

@@ -1,15 +1,22 @@
 """The one shared simulated quantizer: nearest point of a symmetric QPS times a scale.
 
 Oh, Sim, Kim, Lee, *Non-Uniform Step Size Quantization for Accurate Post-Training Quantization*
-(Subset Quantization, ECCV 2022, doi:10.1007/978-3-031-20083-0_39), eq. 3: ``Q(w) = argmin_{q in S_Q(alpha)} |w - q|`` with
-``S_Q(alpha) = {+-alpha * p : p in QPS}``. Because the set is symmetric,
-``Q(w) = sign(w) * alpha * p*`` where ``p*`` is the point nearest to ``|w| / alpha``.
-Every quantizer in lowbit (uniform eq. 4, log eq. 5, two-word log eq. 6, APoT, subset eq. 7)
-is this function with a different ``points`` set.
+(Subset Quantization, ECCV 2022, doi:10.1007/978-3-031-20083-0_39), eq. 3:
+``Q(w) = argmin_{q in S_Q(alpha)} |w - q|`` with ``S_Q(alpha) = {+-alpha * p : p in QPS}``.
+Because the set is symmetric, ``Q(w) = sgn(w) * alpha * p*`` where ``p*`` is the point nearest to
+``|w| / alpha``. Every quantizer in lowbit (uniform eq. 4, log eq. 5, two-word log eq. 6, APoT,
+subset eq. 7) is this function with a different ``points`` set.
 
-Tie rule (used by every implementation, fast or reference): a magnitude exactly half-way
-between two points goes to the *smaller* point. ``sign(0) = 0`` so zero weights map to zero
-whether or not 0 is in the QPS; a non-zero weight whose nearest point is 0 maps to 0.
+Tie rules (used by every implementation, fast or reference, and by the MAC encoder
+:func:`lowbit.sq.hw.encode_sq`):
+
+* a magnitude exactly half-way between two points goes to the *smaller* point;
+* ``sgn(0) = +1``: a zero weight goes to ``+alpha * p_min``, its nearest level. That is 0 when
+  0 is in the QPS (every fixed QPS has it); when it is not (an SQ subset may drop 0), eq. 3 has
+  no zero level, so a zero weight costs ``(alpha * p_min)^2``, exactly what the hardware's code
+  (sign 0, smallest point) computes;
+* ``alpha = 0`` is allowed and maps everything to 0 (``S_Q(0) = {0}``): the exact minimiser for an
+  all-zero channel, which is what the SQ search returns for one.
 """
 from __future__ import annotations
 
@@ -25,6 +32,11 @@ def _as_points(points, dtype, device) -> torch.Tensor:
         raise ValueError("points must be finite and non-negative (the QPS is mirrored for negatives)")
     p = torch.unique(p)  # sorted ascending, distinct
     return p
+
+
+def sgn(w: torch.Tensor) -> torch.Tensor:
+    """``-1`` for negative entries, ``+1`` otherwise (zeros included): the sign of eq. 3's level."""
+    return torch.where(w < 0, -torch.ones_like(w), torch.ones_like(w))
 
 
 def _scale_view(scale, w: torch.Tensor, dim: int) -> torch.Tensor:
@@ -48,8 +60,8 @@ def point_index(w, points, scale, dim: int = 0) -> torch.Tensor:
     p = _as_points(points, w.dtype if w.is_floating_point() else torch.float64, w.device)
     w = w.to(p.dtype)
     s = _scale_view(scale, w, dim)
-    if (torch.as_tensor(s) <= 0).any():
-        raise ValueError("scale must be positive")
+    if (torch.as_tensor(s) < 0).any() or not torch.isfinite(torch.as_tensor(s)).all():
+        raise ValueError("scale must be finite and >= 0 (0 maps a whole slice to 0)")
     mids = (p[1:] + p[:-1]) / 2  # (N-1,)
     a = w.abs()
     if s.ndim == 0:
@@ -63,9 +75,9 @@ def point_index(w, points, scale, dim: int = 0) -> torch.Tensor:
 
 
 def quantize_to_points(w, points, scale, dim: int = 0) -> torch.Tensor:
-    """``sign(w) * scale * p*``: the nearest point of ``{+-scale * p}`` (SQ eq. 3).
+    """``sgn(w) * scale * p*``: the nearest point of ``{+-scale * p}`` (SQ eq. 3; ties: module docstring).
 
-    ``w`` is a tensor (or array); ``scale`` a positive scalar or one value per slice along
+    ``w`` is a tensor (or array); ``scale`` a scalar ``>= 0`` or one value per slice along
     ``dim`` (per output channel for ``dim=0``). Returns a tensor of ``w``'s shape.
     """
     w = torch.as_tensor(w)
@@ -74,7 +86,7 @@ def quantize_to_points(w, points, scale, dim: int = 0) -> torch.Tensor:
     p = _as_points(points, w.dtype, w.device)
     idx = point_index(w, p, scale, dim)
     s = _scale_view(scale, w, dim)
-    return torch.sign(w) * s * p[idx]
+    return sgn(w) * s * p[idx]
 
 
 def quantize_to_points_reference(w, points, scale, dim: int = 0) -> torch.Tensor:
@@ -90,7 +102,7 @@ def quantize_to_points_reference(w, points, scale, dim: int = 0) -> torch.Tensor
     dist = (a - cand).abs()
     # argmin returns the first minimum: the smaller point on an exact tie
     idx = dist.argmin(-1)
-    return (torch.sign(w64) * (s if s.ndim == 0 else s) * p[idx]).to(w.dtype)
+    return (sgn(w64) * s * p[idx]).to(w.dtype)
 
 
 def quantize_rows(rows: torch.Tensor, points, scale: torch.Tensor) -> torch.Tensor:
@@ -104,5 +116,6 @@ def quantize_rows(rows: torch.Tensor, points, scale: torch.Tensor) -> torch.Tens
     p = torch.as_tensor(np.unique(np.asarray(points, dtype=np.float64)), dtype=rows.dtype)
     s = torch.as_tensor(scale, dtype=rows.dtype).reshape(-1, 1)
     mids = (p[1:] + p[:-1]) / 2
-    idx = torch.bucketize(rows.abs() / s, mids, right=False)
-    return torch.sign(rows) * p[idx] * s
+    u = torch.where(s > 0, rows.abs() / torch.where(s > 0, s, torch.ones_like(s)), torch.zeros_like(rows))
+    idx = torch.bucketize(u, mids, right=False)
+    return sgn(rows) * p[idx] * s

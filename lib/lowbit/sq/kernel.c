@@ -14,18 +14,20 @@
 
    Inputs per channel (row) r, built by lowbit.sq.kernel.prepare: the sorted magnitudes a (n of them
    plus a +inf sentinel), their prefix sums pre (n + 1), a bucket table tab (nb + 1 entries: the
-   number of magnitudes below b * max|w| / nb) with inv = nb / max|w|, the number of zero weights zr
-   and the energy er = sum w^2.
+   number of magnitudes below b * max|w| / nb) with inv = nb / max|w|, and the energy er = sum w^2.
+   Zero weights are ordinary magnitudes: they fall in the first segment, on the smallest point p[0]
+   (eq. 3's nearest level; 0 when 0 is in the QPS). An all-zero channel gets scale 0 and loss 0.
 */
 #include <math.h>
 #include <stdint.h>
 
 static double pair_loss(const double *a, const double *pre, const int32_t *tab, double inv, int64_t nb,
-                        int64_t zr, double er, int64_t n, const double *p, int64_t n_pts, double tol,
+                        double er, int64_t n, const double *p, int64_t n_pts, double tol,
                         int64_t max_iter, double *scale_out, int64_t *it_out, int *conv_out) {
     /* eqs. 8-10 for one (subset, channel) pair; returns the eq. 9 loss at the final scale */
     double amax = a[n - 1], pmax = p[n_pts - 1], s, s0, S = 0.0, Q = 0.0;
-    if (amax == 0.0 || pmax == 0.0) { *scale_out = 1.0; *it_out = 0; *conv_out = 1; return er; }
+    if (amax == 0.0) { *scale_out = 0.0; *it_out = 0; *conv_out = 1; return 0.0; }  /* scale 0: exact */
+    if (pmax == 0.0) { *scale_out = 1.0; *it_out = 0; *conv_out = 1; return er; }
     s0 = amax / pmax; s = s0;
     int converged = 0; int64_t it = 0;
     for (;;) {
@@ -53,7 +55,7 @@ static double pair_loss(const double *a, const double *pre, const int32_t *tab, 
                     while (c < n && fabs(a[c] - lo) <= fabs(hi - a[c])) c++;
                 }
             }
-            int64_t cnt = c - prev - (j == 0 ? zr : 0);
+            int64_t cnt = c - prev;
             S += p[j] * (pre[c] - pre[prev]);
             Q += p[j] * p[j] * (double)cnt;
             prev = c;
@@ -72,7 +74,7 @@ static double pair_loss(const double *a, const double *pre, const int32_t *tab, 
 }
 
 void sq_search(const double *a_sorted, const double *prefix, const int32_t *table, const double *inv,
-               int64_t nb, const int64_t *zeros, const double *energy, int64_t n_rows, int64_t n, const double *pts, int64_t k_begin, int64_t k_end, int64_t n_pts,
+               int64_t nb, const double *energy, int64_t n_rows, int64_t n, const double *pts, int64_t k_begin, int64_t k_end, int64_t n_pts,
                double tol, int64_t max_iter, double *losses, double *scales, int64_t *iters, int64_t *not_conv) {
     /* every pair of subsets [k_begin, k_end) x all channels; losses summed in channel order */
     for (int64_t k = k_begin; k < k_end; k++) { losses[k] = 0.0; iters[k] = 0; not_conv[k] = 0; }
@@ -80,7 +82,7 @@ void sq_search(const double *a_sorted, const double *prefix, const int32_t *tabl
         const double *a = a_sorted + r * (n + 1), *pre = prefix + r * (n + 1);
         for (int64_t k = k_begin; k < k_end; k++) {
             int64_t it; int conv;
-            losses[k] += pair_loss(a, pre, table + r * (nb + 1), inv[r], nb, zeros[r], energy[r], n, pts + k * n_pts, n_pts, tol, max_iter,
+            losses[k] += pair_loss(a, pre, table + r * (nb + 1), inv[r], nb, energy[r], n, pts + k * n_pts, n_pts, tol, max_iter,
                                    &scales[k * n_rows + r], &it, &conv);
             iters[k] += it; not_conv[k] += !conv;
         }
@@ -89,7 +91,7 @@ void sq_search(const double *a_sorted, const double *prefix, const int32_t *tabl
 
 #define SQ_BLOCK 64
 double sq_search_pruned(const double *a_sorted, const double *prefix, const int32_t *table, const double *inv,
-                        int64_t nb, const int64_t *zeros, const double *energy, const double *rest_lb, int64_t n_rows, int64_t n, const double *pts, int64_t n_pts, const int64_t *ks, int64_t n_ks,
+                        int64_t nb, const double *energy, const double *rest_lb, int64_t n_rows, int64_t n, const double *pts, int64_t n_pts, const int64_t *ks, int64_t n_ks,
                         int64_t row_begin, double tol, int64_t max_iter, double limit, double rel, double slack,
                         double *partial, int8_t *done, int64_t *iters, int64_t *not_conv, int64_t *pairs) {
     /* Branch and bound over channels: partial[k] (in: the loss over rows [0, row_begin)) grows by
@@ -111,7 +113,7 @@ double sq_search_pruned(const double *a_sorted, const double *prefix, const int3
             for (int64_t i = 0; i < m; i++) {
                 if (!alive[i]) continue;
                 int64_t k = ks[b + i], it; int conv;
-                partial[k] += pair_loss(a, pre, table + r * (nb + 1), inv[r], nb, zeros[r], energy[r], n, pts + k * n_pts, n_pts, tol, max_iter,
+                partial[k] += pair_loss(a, pre, table + r * (nb + 1), inv[r], nb, energy[r], n, pts + k * n_pts, n_pts, tol, max_iter,
                                         &scale, &it, &conv);
                 iters[k] += it; not_conv[k] += !conv; pairs[k] += 1;
                 if (partial[k] + rest_lb[r + 1] > limit) { alive[i] = 0; n_alive--; partial[k] += rest_lb[r + 1]; }

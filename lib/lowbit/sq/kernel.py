@@ -88,9 +88,9 @@ def build(cc: str, flags, source: bytes | None = None) -> Path:
 def _declare(dll):
     dp, ip, i64, f64 = ctypes.POINTER(ctypes.c_double), ctypes.POINTER(ctypes.c_int64), ctypes.c_int64, ctypes.c_double
     i32p, i8p = ctypes.POINTER(ctypes.c_int32), ctypes.POINTER(ctypes.c_int8)
-    dll.sq_search.argtypes = [dp, dp, i32p, dp, i64, ip, dp, i64, i64, dp, i64, i64, i64, f64, i64, dp, dp, ip, ip]
+    dll.sq_search.argtypes = [dp, dp, i32p, dp, i64, dp, i64, i64, dp, i64, i64, i64, f64, i64, dp, dp, ip, ip]
     dll.sq_search.restype = None
-    dll.sq_search_pruned.argtypes = [dp, dp, i32p, dp, i64, ip, dp, dp, i64, i64, dp, i64, ip, i64, i64, f64, i64,
+    dll.sq_search_pruned.argtypes = [dp, dp, i32p, dp, i64, dp, dp, i64, i64, dp, i64, ip, i64, i64, f64, i64,
                                      f64, f64, f64, dp, i8p, ip, ip, ip]
     dll.sq_search_pruned.restype = f64
     return dll
@@ -115,7 +115,8 @@ def load():
 def prepare(rows: np.ndarray):
     """The kernel's per-row inputs: sorted magnitudes (+inf sentinel), prefix sums, a bucket table
     (``table[r, b]`` = #magnitudes below ``b * amax / nb``, ``inv[r] = nb / amax``: a starting guess
-    for each threshold count, corrected exactly in the kernel), ``nb``, zero counts and energies."""
+    for each threshold count, corrected exactly in the kernel), ``nb`` and energies. Zero weights
+    are ordinary magnitudes here: they sit on the smallest point (eq. 3), as in the quantizer."""
     a_sorted = np.ascontiguousarray(np.sort(np.abs(rows), axis=1))
     n_rows, n = a_sorted.shape
     prefix = np.ascontiguousarray(np.concatenate([np.zeros((n_rows, 1)), np.cumsum(a_sorted, axis=1)], axis=1))
@@ -126,10 +127,9 @@ def prepare(rows: np.ndarray):
     table = np.empty((n_rows, nb + 1), dtype=np.int32)
     for r in range(n_rows):
         table[r] = np.searchsorted(a_sorted[r], edges * amax[r], side="left")
-    zeros = np.ascontiguousarray((a_sorted == 0).sum(1).astype(np.int64))
     energy = np.ascontiguousarray((a_sorted * a_sorted).sum(1))
     padded = np.ascontiguousarray(np.concatenate([a_sorted, np.full((n_rows, 1), np.inf)], axis=1))  # sentinel
-    return padded, prefix, table, inv, nb, zeros, energy
+    return padded, prefix, table, inv, nb, energy
 
 
 def _ptr(x, ctype=ctypes.c_double):
@@ -159,7 +159,7 @@ def search_all(prep, qps: np.ndarray, tol: float, max_iter: int, threads: int):
     """Every (subset, channel) pair of :func:`prepare`'s rows: per-subset losses (summed in row
     order), scales ``(K, C)``, eq. 10 updates and non-converged pairs per subset."""
     dll = load()
-    a_sorted, prefix, table, inv, nb, zeros, energy = prep
+    a_sorted, prefix, table, inv, nb, energy = prep
     n_rows, n = a_sorted.shape[0], a_sorted.shape[1] - 1
     pts = check_points(qps)
     n_cand, n_pts = pts.shape
@@ -170,7 +170,7 @@ def search_all(prep, qps: np.ndarray, tol: float, max_iter: int, threads: int):
     i64 = ctypes.c_int64
 
     def run(bounds):
-        dll.sq_search(_ptr(a_sorted), _ptr(prefix), _ptr(table, ctypes.c_int32), _ptr(inv), nb, _ptr(zeros, i64),
+        dll.sq_search(_ptr(a_sorted), _ptr(prefix), _ptr(table, ctypes.c_int32), _ptr(inv), nb,
                       _ptr(energy), n_rows, n, _ptr(pts), bounds[0], bounds[1], n_pts, float(tol), int(max_iter),
                       _ptr(losses), _ptr(scales), _ptr(iters, i64), _ptr(not_conv, i64))
 
@@ -235,7 +235,7 @@ def search_pruned(rows: np.ndarray, qps: np.ndarray, tol: float, max_iter: int, 
     def take(index):  # the kernel inputs of some rows, in the given order
         return tuple(x if isinstance(x, int) else np.ascontiguousarray(x[index]) for x in prep)
 
-    a_sorted, prefix, table, inv, nb, zeros, energy = prep
+    a_sorted, prefix, table, inv, nb, energy = prep
     n = a_sorted.shape[1] - 1
     slack = tie_rtol * float(np.sum(rows * rows))
     # 1. every subset on the largest channels
@@ -255,7 +255,7 @@ def search_pruned(rows: np.ndarray, qps: np.ndarray, tol: float, max_iter: int, 
         with lock:
             limit = state["limit"]
         limit = dll.sq_search_pruned(_ptr(a_sorted), _ptr(prefix), _ptr(table, ctypes.c_int32), _ptr(inv), nb,
-                                     _ptr(zeros, i64), _ptr(energy), _ptr(rest_lb), n_rows, n,
+                                     _ptr(energy), _ptr(rest_lb), n_rows, n,
                                      _ptr(pts), n_pts, _ptr(ks, i64), len(ks), m, float(tol), int(max_iter),
                                      limit, PRUNE_REL, slack, _ptr(partial), _ptr(done, i8), _ptr(iters, i64),
                                      _ptr(not_conv, i64), _ptr(pairs, i64))

@@ -151,7 +151,6 @@ class FitCache:
         for name, layer in layers:
             r = by_name[name]
             scale = torch.as_tensor(np.asarray(r["scale"], dtype=np.float64)).reshape(-1)
-            scale = torch.where(scale > 0, scale, torch.ones_like(scale))
             fq = FittedQuantizer("sq", int(bits), np.sort(np.asarray(r["points"], dtype=np.float64)), scale,
                                  "channel", {"universal": universal, "search_loss": float(r["loss"])})
             self.put(self.key(layer.weight, "sq", bits, "channel", universal), fq)

@@ -40,6 +40,7 @@ import torch
 from ..core.points import quantize_rows, quantize_to_points
 from ..core.uniform import uniform_points
 from ..core.validation import check_bits
+from .search import search_qps
 
 METHODS = ("uniform", "log2", "two_word_log", "apot", "sq")
 GRANULARITIES = ("channel", "layer")
@@ -249,8 +250,6 @@ def fit_quantizer(weight, method: str, bits: int, granularity: str = "channel",
     if not w.is_floating_point() or w.numel() == 0:
         raise TypeError("weight must be a non-empty floating-point tensor")
     if method == "sq":
-        from .search import search_qps
-
         res = search_qps(w.to(torch.float64), bits, universal=universal,
                          granularity=granularity, method=search_method)
         points = np.sort(np.asarray(res.points, dtype=np.float64))
@@ -259,7 +258,6 @@ def fit_quantizer(weight, method: str, bits: int, granularity: str = "channel",
             scale = scale.reshape(-1)
         else:
             scale = scale.reshape(-1)[0] if scale.ndim else scale
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         info = {"universal": universal, "search_loss": float(np.sum(np.asarray(res.loss)))}
         return FittedQuantizer(method, int(bits), points, scale, granularity, info)
     points = qps(method, bits)

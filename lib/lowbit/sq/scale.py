@@ -13,11 +13,13 @@ Conventions (shared by every search in :mod:`lowbit.sq.search`):
   ``max(points)``, i.e. the first scale is ``s0 = max|w| / max(points)``. The tolerance is
   on that normalized alpha: the loop stops when ``|s_new - s| / s0 <= tol``.
 * Nearest point and ties: :mod:`lowbit.core.points` (a magnitude half-way between two points goes
-  to the smaller one); a zero weight is quantized to 0 (``sign(0) = 0``), so it adds nothing
-  to the sums of eq. 10 nor to the loss.
-* If every non-zero weight falls on the point 0, eq. 10 is 0/0: the loss is then
-  ``sum w^2`` for every larger scale, the loop stops and keeps the current scale.
-* An all-zero ``w`` (or the QPS ``{0}``) has no defined scale: ``scale = 1.0``, 0 iterations.
+  to the smaller one). A zero weight goes to the smallest point ``p_min`` (eq. 3's nearest level
+  ``+alpha * p_min``): nothing when 0 is in the QPS; otherwise it adds ``p_min^2`` to eq. 10's
+  ``sum q^2`` and ``(alpha * p_min)^2`` to the loss, as the hardware code of a zero weight does.
+* If every weight falls on the point 0, eq. 10 is 0/0: the loss is then ``sum w^2`` for every
+  larger scale, the loop stops and keeps the current scale.
+* An all-zero ``w`` has the exact minimiser ``scale = 0`` (``S_Q(0) = {0}``, loss 0), 0 iterations;
+  the QPS ``{0}`` has no defined scale: ``scale = 1.0``, loss ``sum w^2``.
 
 Observation used in notebook 02: the total loss never increases along the iteration.
 With the assignment ``A_t`` of step t, ``L(s) <= L_{A_t}(s)`` for every s (nearest points
@@ -54,10 +56,9 @@ class ScaleResult:
 
 def nearest_points(a: np.ndarray, p: np.ndarray, scale: float) -> np.ndarray:
     """Unscaled nearest point ``q_i`` of eq. 8/11 for magnitudes ``a``: plain argmin over all
-    points (the first minimum, i.e. the smaller point on a tie); 0 for zero weights."""
+    points (the first minimum, i.e. the smaller point on a tie; ``p_min`` for a zero weight)."""
     dist = np.abs(a[:, None] - scale * p[None, :])  # (n, N)
-    q = p[dist.argmin(axis=1)]
-    return np.where(a > 0, q, 0.0)
+    return p[dist.argmin(axis=1)]
 
 
 def loss_at(w, points, scale: float) -> float:
@@ -87,7 +88,9 @@ def optimal_scale(w, points, tol: float = 1e-5, max_iter: int = 1000) -> ScaleRe
     p = as_points(points)
     check_tol(tol, max_iter)
     amax, pmax = float(a.max()), float(p[-1])
-    if amax == 0.0 or pmax == 0.0:
+    if amax == 0.0:  # all-zero w: scale 0 maps it to 0 exactly
+        return ScaleResult(0.0, 0.0, 0, True, [0.0], [0.0])
+    if pmax == 0.0:
         loss = float(np.sum(a * a))
         return ScaleResult(1.0, loss, 0, True, [1.0], [loss])
     s0 = amax / pmax
@@ -120,16 +123,19 @@ def global_optimal_scale(w, points) -> ScaleResult:
     piece's quadratic ``sum w^2 - 2 s S + s^2 Q`` on its interval. Ties between pieces go to
     the smallest scale. ``iterations`` is the number of pieces examined.
     """
-    a = np.abs(as_weights(w))
+    a_all = np.abs(as_weights(w))
     p = as_points(points)
-    w2 = float(np.sum(a * a))
-    a = np.sort(a[a > 0])
-    if a.size == 0 or p[-1] == 0.0:
+    w2 = float(np.sum(a_all * a_all))
+    a = np.sort(a_all[a_all > 0])
+    n_zero = a_all.size - a.size  # zero weights sit on p_min at every scale: p_min^2 each in sum q^2
+    if a.size == 0:
+        return ScaleResult(0.0, 0.0, 0, True, [0.0], [0.0])
+    if p[-1] == 0.0:
         return ScaleResult(1.0, w2, 0, True, [1.0], [w2])
     n_pts = p.size
     if n_pts == 1:
-        s = float(np.sum(a)) / a.size / p[0]
-        loss = loss_at(a, p, s)
+        s = float(np.sum(a)) / a_all.size / p[0]
+        loss = loss_at(a_all, p, s)
         return ScaleResult(s, loss, 1, True, [s], [loss])
     mids = (p[1:] + p[:-1]) / 2  # (N-1,), all > 0
     # event (i, j): from s = a_i / m_j upwards, weight i moves from p_{j+1} down to p_j
@@ -139,7 +145,7 @@ def global_optimal_scale(w, points) -> ScaleResult:
     order = np.argsort(bp, kind="stable")
     bp, d_s, d_q = bp[order], d_s[order], d_q[order]
     s_tot = np.concatenate([[p[-1] * a.sum()], p[-1] * a.sum() + np.cumsum(d_s)])  # per piece
-    q_tot = np.concatenate([[p[-1] ** 2 * a.size], p[-1] ** 2 * a.size + np.cumsum(d_q)])
+    q_tot = np.concatenate([[p[-1] ** 2 * a.size], p[-1] ** 2 * a.size + np.cumsum(d_q)]) + n_zero * p[0] ** 2
     q_tot = np.maximum(q_tot, 0.0)
     lo = np.concatenate([[0.0], bp])
     hi = np.concatenate([bp, [np.inf]])
@@ -151,7 +157,7 @@ def global_optimal_scale(w, points) -> ScaleResult:
     piece_loss = np.where(s_star > 0, piece_loss, np.inf)
     best = int(np.argmin(piece_loss))
     s = float(s_star[best])
-    loss = loss_at(a, p, s)
+    loss = loss_at(a_all, p, s)
     return ScaleResult(s, loss, int(piece_loss.size), True, [s], [loss])
 
 

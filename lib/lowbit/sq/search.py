@@ -25,7 +25,11 @@ Two implementations that must agree (``tests/test_search.py``):
   On the kernel, ``prune=True`` adds an exact branch and bound over channels
   (:func:`lowbit.sq.kernel.search_pruned`).
   Ties: the threshold counts are corrected with the reference's own float distance test, so
-  a magnitude on an exact (or rounding-shifted) tie gets the same point as the argmin.
+  a magnitude on an exact (or rounding-shifted) tie gets the same point as the argmin. Eq. 10's
+  sums are grouped by point (prefix-sum differences) where the reference adds term by term: when
+  the sums are exact (e.g. dyadic weights) both give the same scale bit for bit; otherwise they
+  can differ in the last bit, and on the rare exact tie that such a bit decides the iteration can
+  then stop at a neighbouring fixed point (seen on a layer mixing 0.7 with multiples of 1/8).
 
 Ties between subsets: losses within ``1e-12 * sum(w^2)`` of the minimum are treated as equal
 (rounding cannot separate them) and the first such subset in combinations order wins, in
@@ -34,8 +38,9 @@ both methods.
 The returned loss: whatever the method, the winner's per-channel losses
 (``SearchResult.channel_losses``) are the squared errors of :func:`lowbit.core.points.quantize_to_points`
 with the returned points and scales (float64), and ``loss`` is their sum, so the result reproduces
-its own loss channel by channel. An all-zero channel has no defined scale: it gets ``1.0`` (any
-positive scale quantizes it to zeros, loss 0); every returned scale is finite and > 0.
+its own loss channel by channel. A zero weight goes to eq. 3's nearest level ``+scale * p_min``
+(0 when 0 is in the QPS), in the search's sums as in the quantizer and the MAC encoder; an all-zero
+channel gets its exact minimiser ``scale = 0`` (loss 0). Every returned scale is finite and >= 0.
 """
 from __future__ import annotations
 
@@ -175,7 +180,6 @@ def _fast(rows: np.ndarray, qps: np.ndarray, tol: float, max_iter: int, device, 
     n_rows, n = mag.shape
     a_sorted = mag.sort(dim=1).values.contiguous()  # (C, n)
     prefix = torch.cat([torch.zeros(n_rows, 1, dtype=dt, device=device), a_sorted.cumsum(1)], 1)  # (C, n+1)
-    zeros = (a_sorted == 0).sum(1)  # (C,) zero weights: quantized to 0, excluded from eq. 10
     amax = a_sorted[:, -1]
     energy = (a_sorted * a_sorted).sum(1)  # (C,)
     pts_all = torch.as_tensor(qps, dtype=dt, device=device)  # (K, N)
@@ -192,13 +196,13 @@ def _fast(rows: np.ndarray, qps: np.ndarray, tol: float, max_iter: int, device, 
         """eq. 8 assignment at scales ``s`` (C, W) for subsets ``sel`` (C, W) -> S, Q."""
         pts, mids = pts_all[sel], mids_all[sel]  # (C, W, N), (C, W, N-1)
         width = s.shape[1]
+        s = torch.where(s > 0, s, torch.ones_like(s))  # scale 0 (all-zero rows): any scale, their loss is 0
         thr = _argmin_thresholds(s.unsqueeze(-1), pts, mids).reshape(n_rows, -1)
         counts = torch.searchsorted(a_sorted, thr, right=True).reshape(n_rows, width, n_pts - 1)
         edge = torch.zeros(n_rows, width, 1, dtype=counts.dtype, device=device)
         bounds = torch.cat([edge, counts, edge + n], -1)  # (C, W, N+1)
         seg_sum = prefix.gather(1, bounds.reshape(n_rows, -1)).reshape(n_rows, width, n_pts + 1).diff(dim=-1)
-        seg_cnt = bounds.diff(dim=-1)
-        seg_cnt[..., 0] -= zeros.unsqueeze(1)  # zero weights sit in the first segment
+        seg_cnt = bounds.diff(dim=-1)  # zero weights sit in the first segment, on p_min
         s_sum = (pts * seg_sum).sum(-1)  # sum |w| q
         q_sum = (pts * pts * seg_cnt.to(dt)).sum(-1)  # sum q^2
         return s_sum, q_sum
@@ -208,7 +212,9 @@ def _fast(rows: np.ndarray, qps: np.ndarray, tol: float, max_iter: int, device, 
         kc = k1 - k0
         pmax = pts_all[k0:k1, -1]
         live = (amax > 0).unsqueeze(0) & (pmax > 0).unsqueeze(1)  # (Kc, C)
-        s0 = torch.where(live, amax.unsqueeze(0) / pmax.unsqueeze(1).clamp_min(1e-300), torch.ones((), dtype=dt, device=device))
+        dead = (amax == 0).unsqueeze(0).expand_as(live)  # all-zero channel: scale 0, loss 0
+        s0 = torch.where(live, amax.unsqueeze(0) / pmax.unsqueeze(1).clamp_min(1e-300),
+                         torch.where(dead, torch.zeros((), dtype=dt, device=device), torch.ones((), dtype=dt, device=device)))
         s = s0.clone()
         active = live.clone()
         local = torch.arange(k0, k1, device=device)

@@ -140,12 +140,14 @@ def encode_sq(weight, points, scale, option=5):
 
     ``points``: the QPS, ``N = 2**(bits-1)`` distinct non-negative values from the universal
     set of ``option`` (1..5 or an ``(A, B)`` pair), shape ``(N,)`` for one QPS per layer or
-    ``(O, N)`` for one per output channel. ``scale``: positive scalar or one per output channel.
+    ``(O, N)`` for one per output channel. ``scale``: a scalar ``>= 0`` or one per output channel
+    (0 for an all-zero channel, as the SQ search returns it: every code then decodes to 0).
     Returns int64 ``codes`` of ``weight``'s shape and an :class:`SQDecoder`.
 
-    A weight exactly 0 is coded as the smallest point with sign 0 when 0 is not in the QPS
-    (the hardware has no zero code then); everywhere else ``decode_sq(codes)`` equals
-    ``lowbit.core.points.quantize_to_points(weight, points, scale)``.
+    A weight exactly 0 is coded as the smallest point with sign 0 (eq. 3's nearest level
+    ``+scale * p_min``; the hardware has no zero code when 0 is not in the QPS), so
+    ``decode_sq(codes)`` equals ``lowbit.core.points.quantize_to_points(weight, points, scale)``
+    everywhere, zero weights included.
     """
     w = _check_weight(weight)
     A, B = universal_terms(option)
@@ -174,8 +176,8 @@ def encode_sq(weight, points, scale, option=5):
     if s.ndim > 1 or (s.ndim == 1 and s.numel() != w.shape[0]):
         raise ValueError(f"scale must be a scalar or one value per output channel ({w.shape[0]}), "
                          f"got shape {tuple(s.shape)}")
-    if not torch.isfinite(s).all() or (s <= 0).any():
-        raise ValueError("scale must be positive and finite")
+    if not torch.isfinite(s).all() or (s < 0).any():
+        raise ValueError("scale must be finite and >= 0")
 
     sel = np.array([[decompose(float(p), A, B) for p in r] for r in pts], dtype=np.int64)  # (G, N, 2)
     exps = A.nonzero_exponents + B.nonzero_exponents
