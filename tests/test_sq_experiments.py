@@ -1,5 +1,7 @@
 """lowbit.sq.experiments: the table layouts and claim checks notebooks 01 and 03 print, on constructed inputs."""
 import pandas as pd
+
+import lowbit
 import pytest
 
 from lowbit.sq.experiments import ROWS, PTQStudy, degradation_cell, universal_sets
@@ -64,3 +66,25 @@ def test_supplement_table2_rows_layout():
     assert row["relative HW cost"] == 45 and row["paper search (4-bit)"] == "0.5 h"
     assert row["weight error (rel. MSE %)"] == 1.012 and row["top-1 wgt. only"] == 93.01
     assert row["pairs evaluated %"] == 50.0
+
+
+def test_fixed_qps_and_layer_input_codes():
+    import torch
+
+    from lowbit import models
+    from lowbit.sq.experiments import hardware
+    from lowbit.sq.hw import network
+
+    qps = hardware.fixed_qps(5, 3)
+    w = torch.randn(6, 2, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    w[1] = 0.0
+    points, scale = qps(w, 3, 5)
+    assert len(points) == 4 and set(points.tolist()) <= set(lowbit.universal_set(5).tolist())
+    assert torch.equal(scale, w.reshape(6, -1).abs().amax(1) / points.max()) and float(scale[1]) == 0.0
+    torch.manual_seed(0)
+    model = models.build("lenet5").eval()
+    x = torch.randn(3, 1, 28, 28)
+    hw_model, _ = network.to_shift_add(model, x, weight_bits=3, act_bits=8, option=5, qps_fn=qps)
+    codes = hardware.layer_input_codes(hw_model, "conv2", x[:2])
+    assert codes.dtype == torch.int64 and codes.shape[:2] == (2, 6)
+    assert int(codes.min()) >= 0 and int(codes.max()) <= 255

@@ -7,10 +7,12 @@ the FP model, on the test set.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ... import models as model_zoo
 from ..hw import network
+from ..universal import universal_set
 
 
 @torch.no_grad()
@@ -43,3 +45,29 @@ def lenet_shift_add_check(calib_images: torch.Tensor, images: torch.Tensor, labe
     out.update(layers=len(exact), layers_exact=sum(r["exact_acc"] for r in exact),
                worst_rel_layer_diff=max(r["max_abs_diff"] / max(r["max_abs_output"], 1e-300) for r in exact))
     return out
+
+
+def fixed_qps(option, weight_bits: int):
+    """A QPS function for :func:`lowbit.sq.hw.network.to_shift_add` that does not search (the smoke
+    profile): ``N = 2^(bits-1)`` points of the universal set, evenly spaced by index, and a max-abs
+    scale per output channel (0 for an all-zero channel)."""
+    s_u = universal_set(option)
+    points = s_u[np.linspace(0, len(s_u) - 1, 2 ** (weight_bits - 1)).round().astype(int)]
+
+    def qps(weight, bits, opt):
+        return points, weight.reshape(weight.shape[0], -1).abs().amax(1) / points.max()
+
+    return qps
+
+
+@torch.no_grad()
+def layer_input_codes(hw_model, layer_name: str, images: torch.Tensor) -> torch.Tensor:
+    """The unsigned integer activation codes that the MAC layer ``layer_name`` receives for ``images``."""
+    layer = hw_model.get_submodule(layer_name)
+    captured = {}
+    handle = layer.register_forward_pre_hook(lambda m, inp: captured.setdefault("x", m.quantize_input(inp[0])))
+    try:
+        hw_model(images.double())
+    finally:
+        handle.remove()
+    return captured["x"]
