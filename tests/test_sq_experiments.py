@@ -1,10 +1,13 @@
-"""lowbit.sq.experiments: the table layouts and claim checks notebooks 01 and 03 print, on constructed inputs."""
+"""lowbit.sq.experiments: the table layouts and claim checks notebooks 01 and 03 print, on constructed inputs,
+and notebook 04's helpers."""
 import pandas as pd
+import pytest
+import torch
 
 import lowbit
-import pytest
-
-from lowbit.sq.experiments import ROWS, PTQStudy, degradation_cell, universal_sets
+from lowbit import models
+from lowbit.sq.experiments import ROWS, PTQStudy, degradation_cell, hardware, universal_sets
+from lowbit.sq.hw import network
 from lowbit.sq.experiments.ptq_tables import cell_accuracies, format_mean_std, mean_std, sq_vs_baselines
 
 
@@ -69,12 +72,6 @@ def test_supplement_table2_rows_layout():
 
 
 def test_fixed_qps_and_layer_input_codes():
-    import torch
-
-    from lowbit import models
-    from lowbit.sq.experiments import hardware
-    from lowbit.sq.hw import network
-
     qps = hardware.fixed_qps(5, 3)
     w = torch.randn(6, 2, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     w[1] = 0.0
