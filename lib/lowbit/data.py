@@ -222,6 +222,15 @@ def calibration_subset(dataset: Dataset, n: int, seed: int = 0) -> Dataset:
     return torch.utils.data.Subset(dataset, idx.tolist())
 
 
+def head(dataset: "TensorImageDataset", n: int | None) -> "TensorImageDataset":
+    """The first ``n`` samples of an in-memory data set (all of it if ``n`` is ``None`` or larger)."""
+    if n is None or n >= len(dataset):
+        return dataset
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"n must be a positive int or None, got {n!r}")
+    return TensorImageDataset(dataset.images[:n], dataset.labels[:n], dataset.name, f"{dataset.split}[:{n}]")
+
+
 def as_tensors(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
     """``(images, labels)`` tensors of a data set (fast path for in-memory ones)."""
     if isinstance(dataset, TensorImageDataset):

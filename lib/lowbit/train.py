@@ -38,6 +38,22 @@ def augment_batch(x: torch.Tensor, pad: int, flip: bool, generator: torch.Genera
     return x
 
 
+def shift_flip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """The Fashion-MNIST augmentation of the FP baselines: shifts by up to 2 pixels, horizontal flips."""
+    return augment_batch(x, 2, True, generator)
+
+
+def shift(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """The MNIST augmentation of the FP baselines: shifts by up to 2 pixels (digits are not flip-invariant)."""
+    return augment_batch(x, 2, False, generator)
+
+
+def batch_augmentation(dataset: str):
+    """The ``augment(x, generator) -> x`` our FP baselines were trained with on ``dataset``
+    (``None`` for a data set without one)."""
+    return {"fashion-mnist": shift_flip, "mnist": shift}.get(dataset)
+
+
 def train_fp(name: str, dataset: str, epochs: int = 30, batch_size: int = 128, lr: float = 0.1,
              weight_decay: float = 5e-4, seed: int = 0, augment: bool = True, save: bool = True,
              limit_train: int | None = None, device=None, progress: bool = True) -> tuple[nn.Module, dict]:

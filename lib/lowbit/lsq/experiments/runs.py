@@ -1,0 +1,130 @@
+"""What notebook 06 runs: LSQ / nuLSQ-A / nuLSQ-W / nuLSQ-WA fine-tuning of our FP checkpoints, cached.
+
+Our CPU-scale analogue of the nuLSQ poster's "CIFAR100 top-1 accuracy (%) comparison to LSQ" table
+(Gongyo, Liang, Ambai, Kawakami, Sato, *Learning Non-Uniform Step Sizes for Neural Network
+Quantization*, ACCV 2024). One run is "prepare the committed FP checkpoint with one variant at W/A
+``bits``/``bits`` (steps initialised on 256 training images), fine-tune it with :func:`train_qat` on a
+fixed seeded subset of ``train_n`` training images for ``epochs`` epochs, record the per-epoch curve
+on the first ``curve_n`` test images and the final top-1 on the whole test set", cached through
+:func:`lowbit.results.cached` (``data/derived/lsq_run-*.json``) with its learned steps and code entropy.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from ...data import calibration_subset, head, load_dataset
+from ...evaluate import accuracy, checkpoint_accuracy
+from ...models import load_pretrained
+from ...results import cached
+from ...train import batch_augmentation
+from ...utils import seed_all
+from ..entropy import code_entropy
+from ..modules import _LearnedStepQuantizer
+from ..qat import CALIB_N, VARIANTS, prepare_variant
+from ..training import train_qat
+
+ENTROPY_N = 1000
+
+
+def learned_steps(model: torch.nn.Module) -> dict:
+    """``{quantizer name: {"method", "bits", "signed", "steps": [...]}}`` of every LSQ/nuLSQ quantizer."""
+    return {n: {"method": m.method, "bits": m.bits, "signed": m.signed,
+                "steps": m.step_parameter.detach().reshape(-1).tolist()}
+            for n, m in model.named_modules() if isinstance(m, _LearnedStepQuantizer)}
+
+
+def qat_experiment(model_name: str, dataset: str, variant: str, bits: int, *, seed: int = 0, epochs: int = 2,
+                   train_n: int | None = None, curve_n: int | None = 2000, batch_size: int = 128,
+                   lr: float = 0.01, step_lr: float = 1e-3, weight_decay: float = 5e-4, first_last=8,
+                   init: str = "lsq", progress: bool = True) -> dict:
+    """One QAT run as a JSON-able record (API); see the module docstring."""
+    t0 = time.time()
+    seed_all(seed)
+    fp = load_pretrained(model_name, dataset)
+    train = load_dataset(dataset, "train")
+    if train_n is not None and train_n < len(train):
+        train = calibration_subset(train, train_n, seed=0)  # the same images for every seed and variant
+    test = load_dataset(dataset, "test")
+    qmodel = prepare_variant(fp, variant, bits, calib=head(train, CALIB_N), first_last=first_last,
+                             init=init)
+    init_steps = learned_steps(qmodel)
+    qmodel, history = train_qat(qmodel, train, head(test, curve_n), epochs, lr=lr, step_lr=step_lr,
+                                weight_decay=weight_decay, batch_size=batch_size, seed=seed,
+                                augment=batch_augmentation(dataset), progress=progress)
+    train_seconds = time.time() - t0
+    return {"model": model_name, "dataset": dataset, "variant": variant, "bits": bits, "seed": seed,
+            "history": history, "test_accuracy": accuracy(qmodel, test), "test_n": len(test),
+            "fp_test_accuracy": checkpoint_accuracy(fp, model_name, dataset, test),
+            "init_steps": init_steps, "steps": learned_steps(qmodel),
+            "entropy": code_entropy(qmodel, head(test, ENTROPY_N)),
+            "train_seconds": train_seconds, "seconds": time.time() - t0, "threads": torch.get_num_threads()}
+
+
+def run_config(c: dict, variant: str, bits: int, seed: int) -> dict:
+    """The keyword arguments of :func:`qat_experiment` (and the cache key) for profile ``c``:
+    ``model``, ``dataset``, ``epochs``, ``train_n``, ``curve_n``, ``batch_size``, ``lr``, ``step_lr``."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}: use one of {list(VARIANTS)}")
+    return dict(model_name=c["model"], dataset=c["dataset"], variant=variant, bits=bits, seed=seed,
+                epochs=c["epochs"], train_n=c["train_n"], curve_n=c["curve_n"], batch_size=c["batch_size"],
+                lr=c["lr"], step_lr=c["step_lr"])
+
+
+def cached_run(c: dict, variant: str, bits: int, seed: int, progress: bool = True) -> dict:
+    """One cached :func:`qat_experiment` of profile ``c``."""
+    config = run_config(c, variant, bits, seed)
+    return cached("lsq_run", config, lambda: qat_experiment(**config, progress=progress))
+
+
+def sweep(c: dict, variants, bits_list, seeds, progress: bool = True) -> dict:
+    """``{(variant, bits, seed): record}`` for every combination (cached runs)."""
+    from tqdm import tqdm
+
+    combos = [(v, b, s) for b in bits_list for v in variants for s in seeds]
+    return {k: cached_run(c, *k, progress=False)
+            for k in tqdm(combos, desc=f"QAT runs {c['model']}/{c['dataset']}", disable=not progress)}
+
+
+def accuracy_table(runs: dict, variants, bits_list, seeds) -> list[dict]:
+    """One row per variant: ``mean +- std`` top-1 over seeds at each W/A, and the FP accuracy."""
+    rows = []
+    for v in variants:
+        row = {"method": v}
+        for b in bits_list:
+            acc = np.array([runs[v, b, s]["test_accuracy"] for s in seeds])
+            row[f"{b}/{b}"] = f"{acc.mean():.2f} +- {acc.std(ddof=1) if len(acc) > 1 else 0.0:.2f}"
+        rows.append(row)
+    first = next(iter(runs.values()))
+    rows.append({"method": "FP", **{f"{b}/{b}": f"{first['fp_test_accuracy']:.2f}" for b in bits_list}})
+    return rows
+
+
+def difference_to_lsq(runs: dict, variants, bits_list, seeds) -> list[dict]:
+    """Per variant and W/A: mean difference to LSQ over seeds (paired by seed), its std, and
+    whether it lies outside two standard errors of the paired differences."""
+    rows = []
+    for v in variants:
+        if v == "LSQ":
+            continue
+        for b in bits_list:
+            d = np.array([runs[v, b, s]["test_accuracy"] - runs["LSQ", b, s]["test_accuracy"] for s in seeds])
+            se = d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else float("nan")
+            rows.append({"method": v, "W/A": f"{b}/{b}", "mean diff to LSQ": float(d.mean()),
+                         "std": float(d.std(ddof=1)) if len(d) > 1 else float("nan"), "2 SE": 2 * se,
+                         "outside noise": bool(abs(d.mean()) > 2 * se) if len(d) > 1 else False})
+    return rows
+
+
+def nonuniformity(steps: list[float]) -> float:
+    """Coefficient of variation (std / mean) of a quantizer's steps: 0 for uniform levels."""
+    s = np.asarray(steps, dtype=np.float64)
+    return float(s.std() / s.mean()) if len(s) > 1 and s.mean() > 0 else 0.0
+
+
+def mean_entropy(record: dict, part: str) -> float:
+    """Mean code entropy (bits) of ``part`` (``"weight"`` or ``"input"``) over the body layers."""
+    vals = [e[part] for e in record["entropy"].values() if e[part] is not None and e["w_bits"] == record["bits"]]
+    return float(np.mean(vals))
