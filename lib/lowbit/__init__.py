@@ -1,8 +1,9 @@
 """lowbit: a reproducible compendium for low-bit, non-uniform quantization.
 
-Papers implemented: Subset Quantization (Oh, Sim, Kim, Lee, ECCV 2022) in ``lowbit.sq`` and
-Q-Rater (Kim, Lee et al., arXiv:2105.01868) in ``lowbit.qrater``; nuLSQ (Gongyo et al., ACCV 2024)
-and ALQ/STLQ (Oh, Sim, Lee, Lee, CVPR 2021) are planned. See README.md and docs/ARCHITECTURE.md.
+Papers implemented: Subset Quantization (Oh, Sim, Kim, Lee, ECCV 2022) in ``lowbit.sq``,
+Q-Rater (Kim, Lee et al., arXiv:2105.01868) in ``lowbit.qrater`` and nuLSQ (Gongyo, Liang, Ambai,
+Kawakami, Sato, ACCV 2024) with its baseline LSQ (Esser et al., ICLR 2020) in ``lowbit.lsq``;
+ALQ/STLQ (Oh, Sim, Lee, Lee, CVPR 2021) is planned. See README.md and docs/ARCHITECTURE.md.
 
 The public API is listed in ``_EXPORTS`` and imported lazily, so ``import lowbit`` stays
 fast and one module's import error does not hide the others.
@@ -29,7 +30,7 @@ _EXPORTS = {
 }
 
 # packages (core <- nn <- papers <- experiments) and the top-level modules
-_SUBMODULES = ("core", "nn", "sq", "qrater", "data", "models", "train", "evaluate", "results", "plotting",
+_SUBMODULES = ("core", "nn", "sq", "qrater", "lsq", "data", "models", "train", "evaluate", "results", "plotting",
                "profiles", "paths", "utils", "reproduce")
 # the SQ modules people reach as lowbit.<name> (one-line aliases of their home in lowbit.sq)
 _ALIASES = {"hw": "sq.hw", "universal": "sq.universal", "scale": "sq.scale", "search": "sq.search"}

@@ -194,8 +194,8 @@ def train_qat(model: nn.Module, train_set, test_set, epochs: int, lr: float = 0.
     """Train a :func:`~lowbit.lsq.qat.prepare_qat` model; returns ``(model, history)``.
 
     ``history`` has one dict per epoch: ``epoch``, ``train_loss`` (mean over the epoch's batches and
-    processes), ``test_loss``, ``test_accuracy`` (whole ``test_set``), ``steps`` (mean step size per
-    quantizer) and ``seconds`` (wall time since the start; the only entry a rerun changes).
+    processes), ``batch_losses`` (this process's loss of every batch), ``test_loss``, ``test_accuracy``
+    (whole ``test_set``), ``steps`` (mean step size per quantizer) and ``seconds`` (wall time since the start; the only entry a rerun changes).
     ``augment(x, generator) -> x`` is applied to every training batch (``None``: no augmentation).
     ``stop_after`` ends this call after that many epochs (an interruption, for resume).
     """
@@ -246,6 +246,7 @@ def _train(model, train_set, test_set, epochs, lr, step_lr, weight_decay, batch_
         sampler.set_epoch(epoch)
         gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch * 1_009 + procs.rank)
         loss_sum = n_seen = 0.0
+        batch_losses = []
         for x, y in _epoch_batches(train_set, batch_size, sampler):
             if augment is not None:
                 x = augment(x, gen)
@@ -258,12 +259,13 @@ def _train(model, train_set, test_set, epochs, lr, step_lr, weight_decay, batch_
             opt_s.step()
             for s in scheds:
                 s.step()
-            loss_sum += float(loss.detach()) * len(y)
+            batch_losses.append(float(loss.detach()))
+            loss_sum += batch_losses[-1] * len(y)
             n_seen += len(y)
         loss_sum, n_seen = procs.sum(loss_sum, n_seen)
         ev = evaluate_sharded(model, test_set, procs)
         history.append({"epoch": epoch + 1, "train_loss": loss_sum / max(n_seen, 1), "test_loss": ev["loss"],
-                        "test_accuracy": ev["accuracy"], "steps": step_means(model),
+                        "test_accuracy": ev["accuracy"], "steps": step_means(model), "batch_losses": batch_losses,
                         "seconds": time.time() - t0})
         bar.set_postfix(acc=f"{ev['accuracy']:.2f}")
         if checkpoint is not None and procs.rank == 0:

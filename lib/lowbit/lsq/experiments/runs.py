@@ -5,7 +5,8 @@ Our CPU-scale analogue of the nuLSQ poster's "CIFAR100 top-1 accuracy (%) compar
 Quantization*, ACCV 2024). One run is "prepare the committed FP checkpoint with one variant at W/A
 ``bits``/``bits`` (steps initialised on 256 training images), fine-tune it with :func:`train_qat` on a
 fixed seeded subset of ``train_n`` training images for ``epochs`` epochs, record the per-epoch curve
-on the first ``curve_n`` test images and the final top-1 on the whole test set", cached through
+on the first ``curve_n`` test images and the final top-1 on the whole test set (the first ``test_n``
+images in the smoke profile)", cached through
 :func:`lowbit.results.cached` (``data/derived/lsq_run-*.json``) with its learned steps and code entropy.
 """
 from __future__ import annotations
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 
 from ...data import calibration_subset, head, load_dataset
-from ...evaluate import accuracy, checkpoint_accuracy
+from ...evaluate import accuracy, checkpoint_accuracy, evaluate
 from ...models import load_pretrained
 from ...results import cached
 from ...train import batch_augmentation
@@ -37,7 +38,8 @@ def learned_steps(model: torch.nn.Module) -> dict:
 
 
 def qat_experiment(model_name: str, dataset: str, variant: str, bits: int, *, seed: int = 0, epochs: int = 2,
-                   train_n: int | None = None, curve_n: int | None = 2000, batch_size: int = 128,
+                   train_n: int | None = None, curve_n: int | None = 2000, test_n: int | None = None,
+                   batch_size: int = 128,
                    lr: float = 0.01, step_lr: float = 1e-3, weight_decay: float = 5e-4, first_last=8,
                    init: str = "lsq", progress: bool = True) -> dict:
     """One QAT run as a JSON-able record (API); see the module docstring."""
@@ -47,15 +49,17 @@ def qat_experiment(model_name: str, dataset: str, variant: str, bits: int, *, se
     train = load_dataset(dataset, "train")
     if train_n is not None and train_n < len(train):
         train = calibration_subset(train, train_n, seed=0)  # the same images for every seed and variant
-    test = load_dataset(dataset, "test")
+    test = head(load_dataset(dataset, "test"), test_n)
     qmodel = prepare_variant(fp, variant, bits, calib=head(train, CALIB_N), first_last=first_last,
                              init=init)
     init_steps = learned_steps(qmodel)
+    at_init = evaluate(qmodel, head(test, curve_n))  # epoch 0 of the curve: the initialised steps, no training
     qmodel, history = train_qat(qmodel, train, head(test, curve_n), epochs, lr=lr, step_lr=step_lr,
                                 weight_decay=weight_decay, batch_size=batch_size, seed=seed,
                                 augment=batch_augmentation(dataset), progress=progress)
     train_seconds = time.time() - t0
     return {"model": model_name, "dataset": dataset, "variant": variant, "bits": bits, "seed": seed,
+            "init_curve": {"test_accuracy": at_init["accuracy"], "test_loss": at_init["loss"]},
             "history": history, "test_accuracy": accuracy(qmodel, test), "test_n": len(test),
             "fp_test_accuracy": checkpoint_accuracy(fp, model_name, dataset, test),
             "init_steps": init_steps, "steps": learned_steps(qmodel),
@@ -65,11 +69,13 @@ def qat_experiment(model_name: str, dataset: str, variant: str, bits: int, *, se
 
 def run_config(c: dict, variant: str, bits: int, seed: int) -> dict:
     """The keyword arguments of :func:`qat_experiment` (and the cache key) for profile ``c``:
-    ``model``, ``dataset``, ``epochs``, ``train_n``, ``curve_n``, ``batch_size``, ``lr``, ``step_lr``."""
+    ``model``, ``dataset``, ``epochs``, ``train_n``, ``curve_n``, ``test_n`` (``None``: the whole test set),
+    ``batch_size``, ``lr``, ``step_lr``."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}: use one of {list(VARIANTS)}")
     return dict(model_name=c["model"], dataset=c["dataset"], variant=variant, bits=bits, seed=seed,
-                epochs=c["epochs"], train_n=c["train_n"], curve_n=c["curve_n"], batch_size=c["batch_size"],
+                epochs=c["epochs"], train_n=c["train_n"], curve_n=c["curve_n"], test_n=c["test_n"],
+                batch_size=c["batch_size"],
                 lr=c["lr"], step_lr=c["step_lr"])
 
 
@@ -128,3 +134,102 @@ def mean_entropy(record: dict, part: str) -> float:
     """Mean code entropy (bits) of ``part`` (``"weight"`` or ``"input"``) over the body layers."""
     vals = [e[part] for e in record["entropy"].values() if e[part] is not None and e["w_bits"] == record["bits"]]
     return float(np.mean(vals))
+
+
+def nonuniformity_table(runs: dict, variants, bits_list, seeds) -> list[dict]:
+    """Mean coefficient of variation of the nuLSQ quantizers' steps (body layers), before and after
+    training: 0 means uniform levels, so ``after > 0`` is the learned non-uniformity."""
+    rows = []
+    for v in variants:
+        for b in bits_list:
+            before, after = [], []
+            for s in seeds:
+                r = runs[v, b, s]
+                for name, q in r["steps"].items():
+                    if q["method"] == "nuLSQ" and q["bits"] == b:
+                        before.append(nonuniformity(r["init_steps"][name]["steps"]))
+                        after.append(nonuniformity(q["steps"]))
+            if after:
+                rows.append({"method": v, "W/A": f"{b}/{b}", "quantizers": len(after) // len(seeds),
+                             "CV of steps at init": float(np.mean(before)), "CV after QAT": float(np.mean(after)),
+                             "max CV after QAT": float(np.max(after))})
+    return rows
+
+
+def entropy_table(runs: dict, variants, bits_list, seeds) -> list[dict]:
+    """Mean code entropy (bits) over the body layers, weights and inputs, mean +- std over seeds."""
+    rows = []
+    for v in variants:
+        row = {"method": v}
+        for b in bits_list:
+            for part in ("weight", "input"):
+                vals = np.array([mean_entropy(runs[v, b, s], part) for s in seeds])
+                row[f"{b}/{b} {part}"] = f"{vals.mean():.3f} +- {vals.std(ddof=1) if len(vals) > 1 else 0.0:.3f}"
+        rows.append(row)
+    return rows
+
+
+def _records(name: str):
+    from ...paths import derived_read_dirs
+    from ...results import CorruptCacheError, read_record
+
+    seen = set()
+    for folder in derived_read_dirs():
+        for path in sorted(folder.glob(f"{name}-*.json")):
+            if path.name in seen:
+                continue
+            seen.add(path.name)
+            try:
+                yield read_record(path)
+            except CorruptCacheError:
+                continue
+
+
+def best_ptq(model: str, dataset: str, bits: int, a_bits: int | None = None) -> dict | None:
+    """The best post-training result at W/A ``bits``/``a_bits`` (``a_bits`` defaults to ``bits``) among notebook 03's SQ Table 3 cells
+    (``sq_ptq_run``, mean over seeds per method) and notebook 05's Q-Rater runs (``qrater_run``), read
+    from their cached records: ``{"source", "method", "accuracy", "seconds", "test_n", "seeds"}``."""
+    a_bits = bits if a_bits is None else a_bits
+    groups: dict = {}
+    for rec in _records("sq_ptq_run"):
+        c, p = rec["config"], rec["payload"]
+        if (c.get("model"), c.get("dataset"), c.get("w_bits"), c.get("a_bits")) == (model, dataset, bits, a_bits):
+            key = ("notebook 03 (SQ)", f"{c['method']}{' + refine' if c.get('refine') else ''}", c.get("test_size"))
+            groups.setdefault(key, []).append((p["accuracy"], p["seconds"]))
+    for rec in _records("qrater_run"):
+        c, p = rec["config"], rec["payload"]
+        if (c.get("model_name"), c.get("dataset"), c.get("w_bits"), c.get("a_bits")) == (model, dataset, bits, a_bits):
+            ops = c.get("ops")
+            method = (f"Q-Rater {'+'.join(ops)} ({c.get('search', 'grid')} search)" if ops is None or ops
+                      else f"{str(c.get('clip_rule')).upper()} clipping + RTN")
+            key = ("notebook 05 (Q-Rater)", method, p.get("test_n"))
+            groups.setdefault(key, []).append((p["test_accuracy"], p["seconds"]))
+    if not groups:
+        return None
+    (source, method, test_n), vals = max(groups.items(), key=lambda kv: np.mean([a for a, _ in kv[1]]))
+    acc, sec = np.array(vals).T
+    return {"source": source, "method": method, "accuracy": float(acc.mean()), "seconds": float(sec.mean()),
+            "test_n": test_n, "seeds": len(vals), "W/A": f"{bits}/{a_bits}"}
+
+
+def qat_vs_ptq(runs: dict, c: dict, bits_list, seeds) -> list[dict]:
+    """Per W/A: the best QAT variant (mean over seeds) beside the best PTQ of notebooks 03 and 05,
+    with the compute each took (QAT: mean wall minutes per run on our CPU; PTQ: per cell). Where no
+    PTQ ran at ``b``/``b``, the nearest easier setting ``b``/4 (more activation bits) is shown."""
+    rows = []
+    for b in bits_list:
+        best_v = max({v for v, bb, _ in runs if bb == b},
+                     key=lambda v: np.mean([runs[v, b, s]["test_accuracy"] for s in seeds]))
+        q = [runs[best_v, b, s] for s in seeds]
+        ptq = best_ptq(c["model"], c["dataset"], b) or best_ptq(c["model"], c["dataset"], b, max(4, b))
+        row = {"network": f"{c['model']}/{c['dataset']}", "W/A": f"{b}/{b}", "best QAT": best_v, "QAT top-1": float(np.mean([r["test_accuracy"] for r in q])),
+               "QAT minutes": float(np.mean([r["seconds"] for r in q]) / 60), "QAT test images": q[0]["test_n"]}
+        if ptq is None:
+            row.update({"best PTQ": "none at this width in notebooks 03/05", "PTQ top-1": None, "PTQ minutes": None,
+                        "PTQ test images": None, "QAT - PTQ": None})
+        else:
+            row.update({"best PTQ": f"{ptq['method']}, {ptq['source']}, W/A {ptq['W/A']}", "PTQ top-1": ptq["accuracy"],
+                        "PTQ minutes": ptq["seconds"] / 60, "PTQ test images": ptq["test_n"] or "all",
+                        "QAT - PTQ": row["QAT top-1"] - ptq["accuracy"]})
+        rows.append(row)
+    return rows
