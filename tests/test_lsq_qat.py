@@ -99,7 +99,7 @@ def test_same_seed_same_history_and_parameters():
         runs.append((_state(q), [{k: v for k, v in h.items() if k != "seconds"} for h in hist]))
     assert runs[0][1] == runs[1][1]
     assert all(torch.equal(runs[0][0][k], runs[1][0][k]) for k in runs[0][0])
-    assert len(runs[0][1]) == 2 and set(runs[0][1][0]) == {"epoch", "train_loss", "test_loss", "test_accuracy", "steps"}
+    assert len(runs[0][1]) == 2 and set(runs[0][1][0]) == {"epoch", "train_loss", "batch_losses", "test_loss", "test_accuracy", "steps"}
     q0 = prepare_variant(_lenet(), "nuLSQ-WA", 2, calib=data)
     assert not torch.equal(q0.conv2.weight_quantizer.steps, runs[0][0]["conv2.weight_quantizer.steps"])  # it trained
 
