@@ -8,6 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lowbit.lsq import kernel
 from lowbit.lsq import (LSQQuantizer, NuLSQQuantizer, initial_step, lsq_levels, lsq_quantize, lsq_quantize_reference,
                         nulsq_levels, nulsq_quantize, nulsq_quantize_reference, qrange)
 
@@ -227,3 +228,42 @@ def test_bad_steps_and_options():
     with pytest.raises(TypeError, match="floating-point"):
         lsq_quantize(torch.ones(3, dtype=torch.long), 1.0, 4, True)
     assert np.isfinite(initial_step(torch.ones(10), 2, False, "mse"))
+
+
+KERNEL = pytest.mark.skipif(kernel.load() is None, reason="no C compiler for lowbit/lsq/kernel.c")
+
+
+@KERNEL
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), bits=st.sampled_from(BITS), signed=st.booleans(), threads=st.sampled_from([1, 2]))
+def test_compiled_kernel_is_bit_identical_to_the_torch_path(seed, bits, signed, threads):
+    """CPU float32 goes through lowbit/lsq/kernel.c; LOWBIT_NO_KERNEL=1 forces the torch path: same bits,
+    forward and every gradient, thresholds and segment ends included, split over threads or not."""
+    steps = _random_steps(seed, bits, signed).float()
+    x = _inputs(seed, bits, signed, steps.double()).float()
+    x = torch.cat([x, torch.randn(70_000 * threads, generator=torch.Generator().manual_seed(seed))])
+    w = torch.randn(len(x), generator=torch.Generator().manual_seed(seed + 1))
+    out = {}
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for flag in ("0", "1"):
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setenv("LOWBIT_NO_KERNEL", flag)
+                assert (kernel.load() is None) == (flag == "1")
+                out[flag] = _run(nulsq_quantize, x, steps, bits, signed, w, num_elements=999)
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(a, b) for a, b in zip(out["0"], out["1"]))
+
+
+@KERNEL
+@pytest.mark.parametrize("signed", [False, True])
+def test_float32_fast_path_close_to_reference(signed):
+    steps = _random_steps(7, 3, signed).float()
+    x = _inputs(7, 3, signed, steps.double()).float()
+    w = torch.randn(len(x), generator=torch.Generator().manual_seed(3))
+    fast = _run(nulsq_quantize, x, steps, 3, signed, w)
+    ref = _run(nulsq_quantize_reference, x, steps, 3, signed, w)
+    assert torch.equal(fast[0], ref[0]) and torch.equal(fast[1], ref[1])
+    torch.testing.assert_close(fast[2], ref[2], rtol=1e-4, atol=1e-5)

@@ -14,6 +14,7 @@ from hypothesis.extra import numpy as hnp
 
 import lowbit
 from lowbit.core.points import quantize_to_points
+from lowbit.core import ckernel
 from lowbit.sq import kernel
 from lowbit.sq.scale import eq10_update, optimal_scale
 
@@ -336,7 +337,7 @@ def test_kernel_rebuilds_for_changed_source(tmp_path, monkeypatch):
 
 def test_without_a_compiler_the_torch_backend_is_used(monkeypatch):
     monkeypatch.setattr(kernel, "_LIB", None)  # not loaded yet in this "process"
-    monkeypatch.setattr(kernel, "compiler", lambda: None)
+    monkeypatch.setattr(ckernel, "compiler", lambda: None)  # where every kernel finds its compiler
     w = torch.randn(3, 7, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     res = lowbit.search_qps(w, 2, 5, device="cpu")
     assert kernel.load() is None and res.backend == "torch"
@@ -350,6 +351,8 @@ def test_kernel_source_ships_with_the_package():
     assert kernel.SOURCE.is_file() and b"sq_search_pruned" in kernel.SOURCE.read_bytes()
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert "kernel.c" in config["tool"]["setuptools"]["package-data"]["lowbit.sq"]
+    assert "kernel.c" in config["tool"]["setuptools"]["package-data"]["lowbit.lsq"]  # nuLSQ's kernel too
+    assert importlib.resources.files("lowbit.lsq").joinpath("kernel.c").is_file()
 
 
 def test_search_model_is_cached_with_its_measured_seconds(out_dir):

@@ -32,8 +32,9 @@ even; the two differ only on exact half-step ties.)
 
 Steps are clamped to at least :data:`MIN_STEP` in the forward (a learned step that crosses zero is
 a failure users of LSQ implementations report); the gradient still flows to the raw parameter.
-Fast paths are one ``autograd.Function`` each (``torch.bucketize`` over the cumulative thresholds
-for nuLSQ); ``*_reference`` follow the formulas literally: LSQ as the paper's ``detach`` trick
+Fast paths are one ``autograd.Function`` each (for nuLSQ: ``torch.bucketize`` over the cumulative
+thresholds and one weighted histogram, or, for CPU float32, the same operations fused in the compiled
+kernel :mod:`lowbit.lsq.kernel`, bit-identical); ``*_reference`` follow the formulas literally: LSQ as the paper's ``detach`` trick
 under autograd, nuLSQ as the poster's sum over unit steps with its backward written segment by
 segment.
 """
@@ -44,6 +45,7 @@ import math
 import torch
 
 from ..core.validation import check_bits
+from . import kernel
 
 MIN_STEP = 1e-8
 MAX_QAT_BITS = 8
@@ -159,25 +161,32 @@ def split_steps(steps: torch.Tensor, bits: int, signed: bool) -> tuple[torch.Ten
 
 def _half_forward(z: torch.Tensor, s: torch.Tensor):
     """The unsigned rule on ``z`` with (positive) steps ``s``: ``(y, k)``, ``y = c_k`` the nearer
-    neighbouring level (an exact tie goes down), ``k`` (int64) the level index, 0 for ``z <= 0``."""
+    neighbouring level (an exact tie goes down), ``k`` the level index, 0 for ``z <= 0`` (uint8 from
+    the compiled kernel on CPU float32, else int64 from ``torch.bucketize``; the same values)."""
     c = torch.cumsum(s, 0)  # (N,) c_1..c_N
     levels = torch.cat([c.new_zeros(1), c])  # (N+1,) c_0 = 0, c_1..c_N
-    k = torch.bucketize(z, levels[:-1] + s / 2)  # thresholds strictly below z
+    thresholds = levels[:-1] + s / 2
+    if kernel.usable(z, s):
+        return kernel.forward(z, thresholds, levels)
+    k = torch.bucketize(z, thresholds)  # thresholds strictly below z
     return levels[k], k
 
 
 def _half_backward(grad: torch.Tensor, z: torch.Tensor, y: torch.Tensor, k: torch.Tensor, s: torch.Tensor):
-    """``(dy/dz mask, per-step gradient)`` of the unsigned rule. ``z`` lies in segment ``k`` when
+    """``(dL/dz, per-step gradient)`` of the unsigned rule. ``z`` lies in segment ``k`` when
     ``z <= y = c_k`` and in segment ``k + 1`` when ``z > y``; there ``round(u) - u = (y - z) / s_n``,
     so one weighted histogram over the segments gives every step's gradient; above ``c_N`` each step
-    receives +1, ``z <= 0`` nothing."""
+    receives +1, ``z <= 0`` nothing; ``dL/dz = grad`` on ``[0, c_N]``."""
     n = len(s)
     c_n = torch.cumsum(s, 0)[-1]
     above = z > c_n
-    seg = (k + (z > y)).reshape(-1)  # 0: z <= 0, 1..N: segments, N+1: above c_N
-    per_seg = torch.bincount(seg, weights=(grad * (y - z)).reshape(-1), minlength=n + 2)[1:n + 1]
-    dsteps = per_seg.to(grad.dtype) / s + (grad * above).sum()
-    return (z >= 0) & ~above, dsteps
+    if k.dtype == torch.uint8:  # from the compiled kernel: the same operations in one pass
+        dz, sums = kernel.backward(grad, z, y, k, c_n, n)
+    else:
+        seg = (k + (z > y)).reshape(-1)  # 0: z <= 0, 1..N: segments, N+1: above c_N
+        sums = torch.bincount(seg, weights=(grad * (y - z)).reshape(-1), minlength=n + 2)
+        dz = grad * ((z >= 0) & ~above)
+    return dz, sums[1:n + 1].to(grad.dtype) / s + (grad * above).sum()
 
 
 class _NuLSQFunction(torch.autograd.Function):
@@ -199,12 +208,12 @@ class _NuLSQFunction(torch.autograd.Function):
         qn = ctx.qn
         if not qn:
             x, y, k, s = ctx.saved_tensors
-            keep, dsteps = _half_backward(grad, x, y, k, s)
-            return grad * keep, dsteps * ctx.g[1], None, None, None
+            dx, dsteps = _half_backward(grad, x, y, k, s)
+            return dx, dsteps * ctx.g[1], None, None, None
         x, yp, kp, yn, kn, s = ctx.saved_tensors
-        keep_p, d_pos = _half_backward(grad, x.clamp(min=0), yp, kp, s[qn:])
-        keep_n, d_neg = _half_backward(grad, (-x).clamp(min=0), yn, kn, s[:qn])
-        dx = grad * torch.where(x >= 0, keep_p, keep_n)
+        dx_p, d_pos = _half_backward(grad, x.clamp(min=0), yp, kp, s[qn:])
+        dx_n, d_neg = _half_backward(grad, (-x).clamp(min=0), yn, kn, s[:qn])
+        dx = torch.where(x >= 0, dx_p, dx_n)
         return dx, torch.cat([-d_neg * ctx.g[0], d_pos * ctx.g[1]]), None, None, None
 
 
@@ -228,6 +237,18 @@ def nulsq_quantize(x: torch.Tensor, steps: torch.Tensor, bits: int, signed: bool
     return _NuLSQFunction.apply(x, steps.to(x.dtype), qn, g_neg, g_pos)
 
 
+def _partial_sums(half: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """``[(s_n, c_{n-1}, c_n), ...]`` with ``c_n = s_1 + ... + s_n`` added one term at a time in float64
+    and rounded to the steps' dtype (what ``torch.cumsum`` computes for float32: a float64
+    accumulator), so float32 sums agree with the fast path to the last bit."""
+    out, total = [], torch.zeros((), dtype=torch.float64)
+    for s_n in half:
+        lower = total.to(half.dtype)
+        total = total + s_n.double()
+        out.append((s_n, lower, total.to(half.dtype)))
+    return out
+
+
 class _NuLSQReferenceFunction(torch.autograd.Function):
     """The poster's unit-step sum, literally, and its straight-through backward segment by segment."""
 
@@ -237,11 +258,10 @@ class _NuLSQReferenceFunction(torch.autograd.Function):
         neg, pos = s[:qn], s[qn:]
 
         def unit_step_sum(z, half):  # sum_n s_n * sigma(z - (sum_{m<n} s_m + s_n / 2)), sigma(0) = 0
-            out, below = torch.zeros_like(z), 0.0
-            for s_n in half:
-                out = out + s_n * (z - (below + s_n / 2) > 0).to(z.dtype)
-                below = below + s_n
-            return out
+            out = torch.zeros_like(z, dtype=torch.float64)
+            for s_n, lower, _ in _partial_sums(half):
+                out = out + s_n.double() * (z - (lower + s_n / 2) > 0).double()
+            return out.to(z.dtype)
 
         y = torch.where(x >= 0, unit_step_sum(x, pos), -unit_step_sum(-x, neg)) if qn else unit_step_sum(x, pos)
         ctx.save_for_backward(x, s)
@@ -254,15 +274,14 @@ class _NuLSQReferenceFunction(torch.autograd.Function):
         qn = ctx.qn
 
         def half_backward(z, go, half):  # the unsigned rule on z >= 0: (dy/dz mask, per-step grads)
-            grads, lower = [], 0.0
-            for s_n in half:
-                seg = (z > lower) & (z <= lower + s_n)
+            grads, top = [], z.new_zeros(())
+            for s_n, lower, top in _partial_sums(half):
+                seg = (z > lower) & (z <= top)
                 u = (z - lower) / s_n
                 up = (z - (lower + s_n / 2) > 0).to(z.dtype)  # round(u), decided as the forward's sigma
                 grads.append((go * (up - u) * seg).sum())
-                lower = lower + s_n
-            above = (go * (z > lower)).sum()
-            return (z >= 0) & (z <= lower), torch.stack([g_n + above for g_n in grads])
+            above = (go * (z > top)).sum()
+            return (z >= 0) & (z <= top), torch.stack([g_n + above for g_n in grads])
 
         pos_mask = x >= 0
         keep_p, d_pos = half_backward(x, grad * pos_mask, s[qn:])

@@ -6,10 +6,8 @@ the kernel runs the scale iteration (eqs. 8-10) for every (QPS, output channel) 
 time, exactly as :func:`lowbit.sq.search._fast` and the reference do (same sums, same thresholds,
 same stopping rule); :func:`search_pruned` adds an exact branch and bound over channels.
 
-The C source ``kernel.c`` ships beside this module (package data). It is compiled once with the
-system C compiler (``$CC``, else ``cc``/``gcc``) into a per-user cache folder
-(``$LOWBIT_KERNEL_DIR``, default ``<tmp>/lowbit-kernels-<uid>``) under a tag that hashes the
-source's bytes, the compiler and the flags (:func:`cache_tag`), so an edited ``kernel.c`` is
+The C source ``kernel.c`` ships beside this module (package data). It is compiled once and cached
+by :mod:`lowbit.core.ckernel` (content-hashed, per-user cache folder), so an edited ``kernel.c`` is
 rebuilt; it is called through ``ctypes``, which releases the GIL, so chunks of subsets run on
 several threads. Plain C99 without fast-math or FMA contraction: every operation rounds as numpy's
 does. Without a compiler :func:`load` returns ``None`` and the search uses its torch backend.
@@ -17,23 +15,17 @@ does. Without a compiler :func:`load` returns ``None`` and the search uses its t
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import shutil
-import subprocess
-import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
+from ..core import ckernel
+from ..core.ckernel import BASE_FLAGS, FLAG_SETS, cache_tag, compiler, kernel_dir  # noqa: F401
 from .scale import global_optimal_scale
 
 SOURCE = Path(__file__).with_name("kernel.c")
-BASE_FLAGS = ("-O3", "-std=c99", "-fPIC", "-shared", "-ffp-contract=off", "-fno-fast-math")
-# this CPU's instruction set first (still no FMA contraction), else portable code
-FLAG_SETS = (BASE_FLAGS + ("-march=native",), BASE_FLAGS)
 MAX_POINTS = 65  # the kernel's per-block arrays: N <= 65 points per QPS (bits <= 7)
 
 PRUNE_SAMPLE_ROWS = 8  # channels every subset is evaluated on before pruning starts
@@ -45,44 +37,10 @@ _LIB = None  # None: not tried yet; False: no compiler / build failed; else the 
 _LOAD_LOCK = threading.Lock()
 
 
-def cache_tag(source: bytes, compiler: str, flags) -> str:
-    """16 hex digits of SHA-256 over the C source's bytes, the compiler and the flags."""
-    h = hashlib.sha256(source)
-    h.update(b"\0" + os.path.basename(compiler).encode() + b"\0" + " ".join(flags).encode())
-    return h.hexdigest()[:16]
-
-
-def kernel_dir() -> Path:
-    """The folder of compiled kernels: ``$LOWBIT_KERNEL_DIR`` or a per-user temporary folder."""
-    default = Path(tempfile.gettempdir()) / f"lowbit-kernels-{os.getuid()}"
-    return Path(os.environ.get("LOWBIT_KERNEL_DIR", default))
-
-
-def compiler() -> str | None:
-    """``$CC``, else ``cc`` or ``gcc`` on the PATH, else ``None``."""
-    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-
-
 def build(cc: str, flags, source: bytes | None = None) -> Path:
-    """The shared library of ``source`` (default: ``kernel.c``'s bytes) built with ``cc`` and
-    ``flags``, compiled unless the cache already holds it. Raises ``OSError`` or
-    ``subprocess.SubprocessError`` when the compiler fails."""
-    source = SOURCE.read_bytes() if source is None else source
-    folder = kernel_dir()
-    lib = folder / f"sq_kernel_{cache_tag(source, cc, flags)}.so"
-    if lib.exists():
-        return lib
-    folder.mkdir(parents=True, exist_ok=True)
-    stem = f"{lib.stem}.{os.getpid()}.{threading.get_ident()}"
-    src, tmp = folder / f"{stem}.c", folder / f".{stem}.so"
-    src.write_bytes(source)  # compile exactly the bytes that were hashed
-    try:
-        subprocess.run([cc, *flags, str(src), "-o", str(tmp), "-lm"], check=True, capture_output=True, timeout=120)
-        os.replace(tmp, lib)  # atomic: concurrent builders of the same tag agree
-    finally:
-        src.unlink(missing_ok=True)
-        tmp.unlink(missing_ok=True)
-    return lib
+    """The shared library ``sq_kernel_<tag>.so`` of ``source`` (default: ``kernel.c``'s bytes) built
+    with ``cc`` and ``flags`` (:func:`lowbit.core.ckernel.build`)."""
+    return ckernel.build(cc, flags, SOURCE.read_bytes() if source is None else source, "sq_kernel")
 
 
 def _declare(dll):
@@ -101,14 +59,7 @@ def load():
     global _LIB
     with _LOAD_LOCK:  # one build per process, even when the first searches start on several threads
         if _LIB is None:
-            lib, cc = False, compiler()
-            for flags in FLAG_SETS if cc else ():
-                try:
-                    lib = _declare(ctypes.CDLL(str(build(cc, flags))))
-                    break
-                except (OSError, subprocess.SubprocessError):
-                    continue
-            _LIB = lib
+            _LIB = ckernel.load_library(SOURCE, "sq_kernel", _declare) or False
     return _LIB or None
 
 
