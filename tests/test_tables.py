@@ -183,6 +183,38 @@ def row_quantize_bench():
         ["(SQ eq. 3)", "ResNet-18"]
 
 
+def _nulsq(name: str):
+    """The phrases of a notebook-06 accuracy table: ``"2/2: LSQ 88.83 ± 0.21, nuLSQ-A ..."`` per width."""
+    t = _csv(f"nulsq_table_{name}")
+    widths = [c for c in t[0] if c != "method"]
+    fp = _one(t, method="FP")
+    assert len({fp[w] for w in widths}) == 1
+    body = [r for r in t if r["method"] != "FP"]
+    phrases = [f"{w}: " + ", ".join(f"{r['method']} {r[w].replace('+-', '±')}" for r in body) for w in widths]
+    diff = _csv(f"nulsq_diff_to_lsq_{name}")
+    outside = sum(r["outside noise"] == "True" for r in diff)
+    return phrases + [f"FP {f2(fp[widths[0]])}", f"{outside} of {len(diff)} nuLSQ-vs-LSQ differences outside 2 SE"]
+
+
+def row_nulsq_resnet():
+    return _nulsq("resnet20"), ["nuLSQ vs LSQ", "ResNet-20", "W/A"]
+
+
+def row_nulsq_lenet():
+    return _nulsq("lenet5"), ["nuLSQ vs LSQ", "LeNet-5", "W/A"]
+
+
+def row_qat_bench():
+    b = _bench("qat_step")
+    r, t = b["ratios"], b["targets"]
+    assert b["fast_equals_reference_loss"]
+    met = ["met" if r[k] <= t[k] else "NOT met" for k in ("LSQ / FP", "nuLSQ fast / LSQ")]
+    return [f"LSQ {f2(r['LSQ / FP'])}x FP (target {t['LSQ / FP']}x: {met[0]})",
+            f"nuLSQ fast {f2(r['nuLSQ fast / LSQ'])}x LSQ (target {t['nuLSQ fast / LSQ']}x: {met[1]})",
+            f"nuLSQ reference {f1(r['nuLSQ reference / nuLSQ fast'])}x slower than fast, same losses",
+            f"FP {f2(b['seconds_per_step']['FP'])} s"], ["ResNet-20", "W/A 4/4", "batch 128", "1x28x28"]
+
+
 # README row (start of "what") -> its check
 CHECKS = {
     "FP baselines": row_fp,
@@ -197,6 +229,9 @@ CHECKS = {
     "QPS search": row_qps_bench,
     "MAC simulator vs float conv": row_mac_bench,
     "shared quantizer": row_quantize_bench,
+    "nuLSQ vs LSQ QAT, ResNet-20": row_nulsq_resnet,
+    "nuLSQ vs LSQ QAT, LeNet-5": row_nulsq_lenet,
+    "QAT training step": row_qat_bench,
 }
 
 # numbers in the README with no committed table behind them: (row, exact text, why)
@@ -208,6 +243,10 @@ UNSOURCED = [
      "printed by notebook 04 from the data/derived cache sq_hw_int_vs_fake_logits; no CSV"),
     ("Q-Rater Table 1", "first 2000 test images",
      "in the note of figures/qrater_table1_resnet20.md, not in its CSV"),
+    ("nuLSQ vs LSQ QAT, ResNet-20", "10000 test images, 3 seeds, 2 epochs on 3840 training images",
+     "notebook 06's profile, in the note of figures/nulsq_table_resnet20.md"),
+    ("nuLSQ vs LSQ QAT, LeNet-5", "10000 test images, 3 seeds, 2 epochs on 10000 training images",
+     "notebook 06's profile, in the note of figures/nulsq_table_lenet5.md"),
 ]
 
 

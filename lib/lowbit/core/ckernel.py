@@ -65,16 +65,17 @@ def build(cc: str, flags, source: bytes, prefix: str) -> Path:
     return lib
 
 
-def load_library(source: Path, prefix: str, declare):
-    """``declare(ctypes.CDLL(...))`` of ``source`` built with the first of :data:`FLAG_SETS` that
-    compiles, or ``None`` when there is no compiler or every build fails."""
+def load_library(source: Path, prefix: str, declare, extra_flags=()):
+    """``declare(ctypes.CDLL(...))`` of ``source`` built with the first of :data:`FLAG_SETS` (each
+    followed by ``extra_flags``) that compiles, or ``None`` when there is no compiler or every build
+    fails."""
     cc = compiler()
     if not cc:
         return None
     with _LOCK:
         for flags in FLAG_SETS:
             try:
-                return declare(ctypes.CDLL(str(build(cc, flags, source.read_bytes(), prefix))))
+                return declare(ctypes.CDLL(str(build(cc, tuple(flags) + tuple(extra_flags), source.read_bytes(), prefix))))
             except (OSError, subprocess.SubprocessError):
                 continue
     return None

@@ -99,20 +99,28 @@ class _LSQFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, step, qn: int, qp: int, g: float):
         s = _positive(step)
+        ctx.qn, ctx.qp, ctx.g, ctx.step_shape = qn, qp, g, step.shape
+        ctx.compiled = kernel.usable(x, s)
+        if ctx.compiled:  # the same operations fused (lowbit.lsq.kernel), bit-identical
+            ctx.save_for_backward(x, s)
+            return kernel.lsq_forward(x, float(s), qn, qp)
         v = x / s
         q = round_half_toward_zero(v.clamp(-qn, qp))
         ctx.save_for_backward(v, q)
-        ctx.qn, ctx.qp, ctx.g, ctx.step_shape = qn, qp, g, step.shape
         return q * s
 
     @staticmethod
     def backward(ctx, grad):
-        v, q = ctx.saved_tensors
-        below, above = v < -ctx.qn, v > ctx.qp
-        inside = ~(below | above)
-        dx = grad * inside
-        ds = torch.where(inside, q - v, torch.where(below, -float(ctx.qn), float(ctx.qp)))
-        dstep = (grad * ds).sum().mul(ctx.g).reshape(ctx.step_shape)
+        if ctx.compiled:
+            x, s = ctx.saved_tensors
+            dx, prod = kernel.lsq_backward(grad, x, float(s), ctx.qn, ctx.qp)
+        else:
+            v, q = ctx.saved_tensors
+            below, above = v < -ctx.qn, v > ctx.qp
+            inside = ~(below | above)
+            dx = grad * inside
+            prod = grad * torch.where(inside, q - v, torch.where(below, -float(ctx.qn), float(ctx.qp)))
+        dstep = prod.sum().mul(ctx.g).reshape(ctx.step_shape)
         return dx, dstep, None, None, None
 
 
@@ -179,14 +187,15 @@ def _half_backward(grad: torch.Tensor, z: torch.Tensor, y: torch.Tensor, k: torc
     receives +1, ``z <= 0`` nothing; ``dL/dz = grad`` on ``[0, c_N]``."""
     n = len(s)
     c_n = torch.cumsum(s, 0)[-1]
-    above = z > c_n
-    if k.dtype == torch.uint8:  # from the compiled kernel: the same operations in one pass
-        dz, sums = kernel.backward(grad, z, y, k, c_n, n)
+    if k.dtype == torch.uint8:  # from the compiled kernel: the same operations, fused
+        dz, sums, g_above = kernel.backward(grad, z, y, k, c_n, n)
     else:
+        above = z > c_n
         seg = (k + (z > y)).reshape(-1)  # 0: z <= 0, 1..N: segments, N+1: above c_N
         sums = torch.bincount(seg, weights=(grad * (y - z)).reshape(-1), minlength=n + 2)
         dz = grad * ((z >= 0) & ~above)
-    return dz, sums[1:n + 1].to(grad.dtype) / s + (grad * above).sum()
+        g_above = grad * above
+    return dz, sums[1:n + 1].to(grad.dtype) / s + g_above.sum()
 
 
 class _NuLSQFunction(torch.autograd.Function):

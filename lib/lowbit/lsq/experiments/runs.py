@@ -233,3 +233,31 @@ def qat_vs_ptq(runs: dict, c: dict, bits_list, seeds) -> list[dict]:
                         "QAT - PTQ": row["QAT top-1"] - ptq["accuracy"]})
         rows.append(row)
     return rows
+
+
+def claim_lines(runs: dict, c: dict, variants, bits_list, seeds) -> list[str]:
+    """The poster's claims, checked on our runs of profile ``c``: one line each, ``True``/``False``
+    first (does our analogue agree?), with the numbers behind it."""
+    net = f"{c['model']}/{c['dataset']}"
+    lines = []
+    for b in bits_list:
+        diffs = {r["method"]: r for r in difference_to_lsq(runs, variants, [b], seeds)}
+        worst = max(abs(r["mean diff to LSQ"]) for r in diffs.values())
+        outside = [m for m, r in diffs.items() if r["outside noise"]]
+        lines.append(f"{worst <= 0.3!s:5s} {net} {b}/{b}: every nuLSQ variant within 0.3 points of LSQ (poster: "
+                     f"|diff| <= 0.3); largest |mean diff| {worst:.2f}, outside 2 SE: {', '.join(outside) or 'none'}")
+    for b in bits_list:
+        cv = [r for r in nonuniformity_table(runs, variants, [b], seeds)]
+        grew = all(r["CV after QAT"] > r["CV of steps at init"] for r in cv)
+        lines.append(f"{grew!s:5s} {net} {b}/{b}: learned nuLSQ steps become non-uniform (mean CV after QAT "
+                     + ", ".join(f"{r['method']} {r['CV after QAT']:.3f}" for r in cv) + "; 0 at init)")
+    for b in bits_list:
+        for part in ("weight", "input"):
+            lsq_h = np.array([mean_entropy(runs["LSQ", b, s], part) for s in seeds])
+            nu_h = np.array([mean_entropy(runs["nuLSQ-WA", b, s], part) for s in seeds])
+            d = nu_h - lsq_h
+            se = d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else float("nan")
+            changed = bool(len(d) > 1 and abs(d.mean()) > 2 * se)
+            lines.append(f"{changed!s:5s} {net} {b}/{b}: nuLSQ-WA changes the {part} code entropy (body mean "
+                         f"{nu_h.mean():.3f} vs LSQ {lsq_h.mean():.3f} bits, diff {d.mean():+.3f} +- {se:.3f} SE)")
+    return lines
