@@ -211,7 +211,7 @@ def row_qat_bench():
     met = ["met" if r[k] <= t[k] else "NOT met" for k in ("LSQ / FP", "nuLSQ fast / LSQ")]
     return [f"LSQ {f2(r['LSQ / FP'])}x FP (target {t['LSQ / FP']}x: {met[0]})",
             f"nuLSQ fast {f2(r['nuLSQ fast / LSQ'])}x LSQ (target {t['nuLSQ fast / LSQ']}x: {met[1]})",
-            f"nuLSQ reference {f1(r['nuLSQ reference / nuLSQ fast'])}x slower than fast, same losses",
+            f"nuLSQ reference {f1(r['nuLSQ reference / nuLSQ fast'])}x slower than fast, same first-step loss",
             f"FP {f2(b['seconds_per_step']['FP'])} s"], ["ResNet-20", "W/A 4/4", "batch 128", "1x28x28"]
 
 
