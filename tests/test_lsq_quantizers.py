@@ -237,8 +237,8 @@ KERNEL = pytest.mark.skipif(kernel.load() is None, reason="no C compiler for low
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 10_000), bits=st.sampled_from(BITS), signed=st.booleans(), threads=st.sampled_from([1, 2]))
 def test_compiled_kernel_is_bit_identical_to_the_torch_path(seed, bits, signed, threads):
-    """CPU float32 goes through lowbit/lsq/kernel.c; LOWBIT_NO_KERNEL=1 forces the torch path: same bits,
-    forward and every gradient, thresholds and segment ends included, split over threads or not."""
+    """CPU float32 goes through lowbit/lsq/kernel.c (nuLSQ and LSQ); LOWBIT_NO_KERNEL=1 forces the torch
+    path: same bits, forward and every gradient, thresholds and segment ends included, split over threads or not."""
     steps = _random_steps(seed, bits, signed).float()
     x = _inputs(seed, bits, signed, steps.double()).float()
     x = torch.cat([x, torch.randn(70_000 * threads, generator=torch.Generator().manual_seed(seed))])
@@ -252,9 +252,11 @@ def test_compiled_kernel_is_bit_identical_to_the_torch_path(seed, bits, signed, 
                 mp.setenv("LOWBIT_NO_KERNEL", flag)
                 assert (kernel.load() is None) == (flag == "1")
                 out[flag] = _run(nulsq_quantize, x, steps, bits, signed, w, num_elements=999)
+                out["lsq" + flag] = _run(lsq_quantize, x, steps[0], bits, signed, w, num_elements=999)
     finally:
         torch.set_num_threads(before)
     assert all(torch.equal(a, b) for a, b in zip(out["0"], out["1"]))
+    assert all(torch.equal(a, b) for a, b in zip(out["lsq0"], out["lsq1"]))  # LSQ's kernel too
 
 
 @KERNEL
