@@ -247,7 +247,7 @@ def claim_lines(runs: dict, c: dict, variants, bits_list, seeds) -> list[str]:
         lines.append(f"{worst <= 0.3!s:5s} {net} {b}/{b}: every nuLSQ variant within 0.3 points of LSQ (poster: "
                      f"|diff| <= 0.3); largest |mean diff| {worst:.2f}, outside 2 SE: {', '.join(outside) or 'none'}")
     for b in bits_list:
-        cv = [r for r in nonuniformity_table(runs, variants, [b], seeds)]
+        cv = nonuniformity_table(runs, variants, [b], seeds)
         grew = all(r["CV after QAT"] > r["CV of steps at init"] for r in cv)
         lines.append(f"{grew!s:5s} {net} {b}/{b}: learned nuLSQ steps become non-uniform (mean CV after QAT "
                      + ", ".join(f"{r['method']} {r['CV after QAT']:.3f}" for r in cv) + "; 0 at init)")
