@@ -19,7 +19,7 @@ import time
 import numpy as np
 import torch
 
-from ...data import TensorImageDataset, as_tensors, load_dataset
+from ...data import TensorImageDataset, as_tensors, head, load_dataset
 from ...evaluate import accuracy, checkpoint_accuracy
 from ...models import load_pretrained
 from ...results import cached, config_key
@@ -59,10 +59,7 @@ def balanced_subset(dataset, per_class: int = 20, seed: int = 0) -> TensorImageD
 
 def first_test_images(dataset: str, test_n: int | None) -> TensorImageDataset:
     """The test split of ``dataset``, cut to its first ``test_n`` images (all if ``None``)."""
-    test = load_dataset(dataset, "test")
-    if test_n is not None:
-        test = type(test)(test.images[:test_n], test.labels[:test_n], test.name, f"test[:{test_n}]")
-    return test
+    return head(load_dataset(dataset, "test"), test_n)
 
 
 def experiment(model_name: str, dataset: str, w_bits: int | None, a_bits: int | None, *, per_class: int = 20,
