@@ -87,7 +87,7 @@ def train_fp(name: str, dataset: str, epochs: int = 30, batch_size: int = 128, l
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, epochs=epochs, steps_per_epoch=steps_per_epoch,
                                                 pct_start=0.15, anneal_strategy="cos")
     gen = torch.Generator().manual_seed(seed)
-    flip = dataset == "fashion-mnist"
+    augmentation = batch_augmentation(dataset) if augment else None
     history = []
     t0 = time.time()
     for epoch in tqdm(range(epochs), desc=f"train {name}/{dataset}", disable=not progress):
@@ -97,8 +97,8 @@ def train_fp(name: str, dataset: str, epochs: int = 30, batch_size: int = 128, l
         for i in range(steps_per_epoch):
             idx = perm[i * batch_size:(i + 1) * batch_size]
             x, y = x_all[idx], y_all[idx]
-            if augment:
-                x = augment_batch(x, 2, flip, gen)
+            if augmentation is not None:
+                x = augmentation(x, gen)
             x, y = x.to(device), y.to(device)
             logits = model(x)
             loss = F.cross_entropy(logits, y)

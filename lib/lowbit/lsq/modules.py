@@ -24,7 +24,7 @@ import torch.nn as nn
 from ..core.clipping import mse_step_index, sample_values
 from ..core.validation import check_choice
 from .quantizers import (lsq_levels, lsq_quantize, lsq_quantize_reference, nulsq_levels, nulsq_quantize,
-                         nulsq_quantize_reference, qrange, split_steps)
+                         nulsq_quantize_reference, qrange)
 
 INITS = ("lsq", "mse")
 MSE_GRID = 200
@@ -136,10 +136,6 @@ class NuLSQQuantizer(_LearnedStepQuantizer):
     def levels(self) -> torch.Tensor:
         """The ``2^b`` sorted output levels."""
         return nulsq_levels(self.steps, self.bits, self.signed).to(torch.float64)
-
-    def halves(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(negative steps, positive steps)``, detached."""
-        return split_steps(self.steps.detach(), self.bits, self.signed)
 
 
 QUANTIZERS = {"lsq": LSQQuantizer, "nulsq": NuLSQQuantizer}

@@ -33,10 +33,10 @@ even; the two differ only on exact half-step ties.)
 Steps are clamped to at least :data:`MIN_STEP` in the forward (a learned step that crosses zero is
 a failure users of LSQ implementations report); the gradient still flows to the raw parameter.
 Fast paths are one ``autograd.Function`` each (for nuLSQ: ``torch.bucketize`` over the cumulative
-thresholds and one weighted histogram, or, for CPU float32, the same operations fused in the compiled
-kernel :mod:`lowbit.lsq.kernel`, bit-identical); ``*_reference`` follow the formulas literally: LSQ as the paper's ``detach`` trick
-under autograd, nuLSQ as the poster's sum over unit steps with its backward written segment by
-segment.
+thresholds and one weighted histogram); for CPU float32 both run the same operations fused in the
+compiled kernel :mod:`lowbit.lsq.kernel`, bit-identical. ``*_reference`` follow the formulas literally:
+LSQ as the paper's ``detach`` trick under autograd, nuLSQ as the poster's sum over unit steps with its
+backward written segment by segment.
 """
 from __future__ import annotations
 

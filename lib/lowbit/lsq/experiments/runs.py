@@ -15,11 +15,13 @@ import time
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from ...data import calibration_subset, head, load_dataset
 from ...evaluate import accuracy, checkpoint_accuracy, evaluate
 from ...models import load_pretrained
-from ...results import cached
+from ...paths import derived_read_dirs
+from ...results import CorruptCacheError, cached, read_record
 from ...train import batch_augmentation
 from ...utils import seed_all
 from ..entropy import code_entropy
@@ -87,11 +89,19 @@ def cached_run(c: dict, variant: str, bits: int, seed: int, progress: bool = Tru
 
 def sweep(c: dict, variants, bits_list, seeds, progress: bool = True) -> dict:
     """``{(variant, bits, seed): record}`` for every combination (cached runs)."""
-    from tqdm import tqdm
-
     combos = [(v, b, s) for b in bits_list for v in variants for s in seeds]
     return {k: cached_run(c, *k, progress=False)
             for k in tqdm(combos, desc=f"QAT runs {c['model']}/{c['dataset']}", disable=not progress)}
+
+
+def _std(values: np.ndarray) -> float:
+    """Sample standard deviation over seeds (0 for a single seed)."""
+    return float(values.std(ddof=1)) if len(values) > 1 else 0.0
+
+
+def _standard_error(values: np.ndarray) -> float:
+    """Standard error of the mean over seeds (NaN for a single seed: no noise estimate)."""
+    return float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else float("nan")
 
 
 def accuracy_table(runs: dict, variants, bits_list, seeds) -> list[dict]:
@@ -101,7 +111,7 @@ def accuracy_table(runs: dict, variants, bits_list, seeds) -> list[dict]:
         row = {"method": v}
         for b in bits_list:
             acc = np.array([runs[v, b, s]["test_accuracy"] for s in seeds])
-            row[f"{b}/{b}"] = f"{acc.mean():.2f} +- {acc.std(ddof=1) if len(acc) > 1 else 0.0:.2f}"
+            row[f"{b}/{b}"] = f"{acc.mean():.2f} +- {_std(acc):.2f}"
         rows.append(row)
     first = next(iter(runs.values()))
     rows.append({"method": "FP", **{f"{b}/{b}": f"{first['fp_test_accuracy']:.2f}" for b in bits_list}})
@@ -117,9 +127,9 @@ def difference_to_lsq(runs: dict, variants, bits_list, seeds) -> list[dict]:
             continue
         for b in bits_list:
             d = np.array([runs[v, b, s]["test_accuracy"] - runs["LSQ", b, s]["test_accuracy"] for s in seeds])
-            se = d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else float("nan")
+            se = _standard_error(d)
             rows.append({"method": v, "W/A": f"{b}/{b}", "mean diff to LSQ": float(d.mean()),
-                         "std": float(d.std(ddof=1)) if len(d) > 1 else float("nan"), "2 SE": 2 * se,
+                         "std": _std(d) if len(d) > 1 else float("nan"), "2 SE": 2 * se,
                          "outside noise": bool(abs(d.mean()) > 2 * se) if len(d) > 1 else False})
     return rows
 
@@ -164,15 +174,12 @@ def entropy_table(runs: dict, variants, bits_list, seeds) -> list[dict]:
         for b in bits_list:
             for part in ("weight", "input"):
                 vals = np.array([mean_entropy(runs[v, b, s], part) for s in seeds])
-                row[f"{b}/{b} {part}"] = f"{vals.mean():.3f} +- {vals.std(ddof=1) if len(vals) > 1 else 0.0:.3f}"
+                row[f"{b}/{b} {part}"] = f"{vals.mean():.3f} +- {_std(vals):.3f}"
         rows.append(row)
     return rows
 
 
 def _records(name: str):
-    from ...paths import derived_read_dirs
-    from ...results import CorruptCacheError, read_record
-
     seen = set()
     for folder in derived_read_dirs():
         for path in sorted(folder.glob(f"{name}-*.json")):
@@ -256,7 +263,7 @@ def claim_lines(runs: dict, c: dict, variants, bits_list, seeds) -> list[str]:
             lsq_h = np.array([mean_entropy(runs["LSQ", b, s], part) for s in seeds])
             nu_h = np.array([mean_entropy(runs["nuLSQ-WA", b, s], part) for s in seeds])
             d = nu_h - lsq_h
-            se = d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else float("nan")
+            se = _standard_error(d)
             changed = bool(len(d) > 1 and abs(d.mean()) > 2 * se)
             lines.append(f"{changed!s:5s} {net} {b}/{b}: nuLSQ-WA changes the {part} code entropy (body mean "
                          f"{nu_h.mean():.3f} vs LSQ {lsq_h.mean():.3f} bits, diff {d.mean():+.3f} +- {se:.3f} SE)")
