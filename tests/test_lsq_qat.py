@@ -13,23 +13,21 @@ import torch.nn as nn
 from lowbit.data import TensorImageDataset
 from lowbit.lsq import (LSQQuantizer, NuLSQQuantizer, QATConv2d, QATLinear, code_entropy, entropy_bits,
                         load_checkpoint, prepare_qat, prepare_variant, qat_layers, save_checkpoint, train_qat)
-from lowbit.models import build, checkpoint_path
+from lowbit.models import checkpoint_path
 from lowbit.paths import project_root
 from lowbit.results import CorruptCacheError
-from lowbit.utils import seed_all
+
+from qat_helpers import random_images, seeded_lenet
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _data(n=96, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 1, 28, 28, generator=g)
-    return TensorImageDataset(x, torch.randint(0, 10, (n,), generator=g), "random", "train")
+    return random_images(n, seed)
 
 
 def _lenet(seed=0):
-    seed_all(seed)
-    return build("lenet5").eval()
+    return seeded_lenet(seed)
 
 
 def _state(model):

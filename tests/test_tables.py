@@ -215,6 +215,17 @@ def row_qat_bench():
             f"FP {f2(b['seconds_per_step']['FP'])} s"], ["ResNet-20", "W/A 4/4", "batch 128", "1x28x28"]
 
 
+def row_stlq():
+    t = _csv("alq_final_top1")
+    fp = _one(_csv("fp_baselines"), model="resnet20", **{"data set": "fashion-mnist"})["top-1 (re-evaluated)"]
+    phrases = []
+    for w in ("5/5", "3/3"):
+        cells = [_one(t, **{"W/A": w, "training": tr, "select ratio": "0.15"})["top-1 deployed"].replace("+-", "±")
+                 for tr in ("with select", "without select", "with select, per tile (8)")]
+        phrases.append(f"{w}: with select {cells[0]}, without select {cells[1]}, per tile (8) {cells[2]}")
+    return phrases + [f"FP {f2(fp)}"], ["STLQ fine-tuning", "ResNet-20", "select ratio 15 %"]
+
+
 # README row (start of "what") -> its check
 CHECKS = {
     "FP baselines": row_fp,
@@ -232,6 +243,7 @@ CHECKS = {
     "nuLSQ vs LSQ QAT, ResNet-20": row_nulsq_resnet,
     "nuLSQ vs LSQ QAT, LeNet-5": row_nulsq_lenet,
     "QAT training step": row_qat_bench,
+    "STLQ fine-tuning": row_stlq,
 }
 
 # numbers in the README with no committed table behind them: (row, exact text, why)
@@ -247,6 +259,8 @@ UNSOURCED = [
      "notebook 06's profile, in the note of figures/nulsq_table_resnet20.md"),
     ("nuLSQ vs LSQ QAT, LeNet-5", "10000 test images, 3 seeds, 2 epochs on 10000 training images",
      "notebook 06's profile, in the note of figures/nulsq_table_lenet5.md"),
+    ("STLQ fine-tuning", "deployed, 10000 test images, 3 seeds, 4 epochs on 3840 training images",
+     "notebook 07's profile, in the note of figures/alq_final_top1.md"),
 ]
 
 

@@ -190,7 +190,8 @@ def _check_args(model, train_set, test_set, epochs, lr, step_lr, weight_decay, b
 
 def train_qat(model: nn.Module, train_set, test_set, epochs: int, lr: float = 0.01, step_lr: float = 1e-3,
               weight_decay: float = 5e-4, batch_size: int = 128, seed: int = 0, device=None, checkpoint=None,
-              progress: bool = True, augment=None, stop_after: int | None = None):
+              progress: bool = True, augment=None, stop_after: int | None = None, penalty=None,
+              recorder=None, record_every: int | None = None):
     """Train a :func:`~lowbit.lsq.qat.prepare_qat` model; returns ``(model, history)``.
 
     ``history`` has one dict per epoch: ``epoch``, ``train_loss`` (mean over the epoch's batches and
@@ -198,18 +199,40 @@ def train_qat(model: nn.Module, train_set, test_set, epochs: int, lr: float = 0.
     (whole ``test_set``), ``steps`` (mean step size per quantizer) and ``seconds`` (wall time since the start; the only entry a rerun changes).
     ``augment(x, generator) -> x`` is applied to every training batch (``None``: no augmentation).
     ``stop_after`` ends this call after that many epochs (an interruption, for resume).
+    ``penalty(model) -> scalar tensor`` is added to every batch's task loss after the forward pass (a
+    regulariser such as :func:`lowbit.alq.r1_penalty`; its ``repr`` goes into the checkpoint
+    configuration). ``recorder(model) -> dict`` is called before the first iteration, after every
+    ``record_every``-th one and after the last of each epoch (the model in eval mode); its dicts,
+    with ``iteration``, are the epoch's ``records``. ``batch_losses`` and ``train_loss`` include the
+    penalty.
     """
     _check_args(model, train_set, test_set, epochs, lr, step_lr, weight_decay, batch_size, seed)
+    if (recorder is None) != (record_every is None) or (
+            record_every is not None and (isinstance(record_every, bool) or not isinstance(record_every, int)
+                                          or record_every < 1)):
+        raise ValueError(f"pass recorder and record_every (a positive int) together, got recorder={recorder!r}, "
+                         f"record_every={record_every!r}")
+    if penalty is not None and not callable(penalty):
+        raise TypeError(f"penalty must be a callable model -> scalar tensor, got {type(penalty).__name__}")
     procs = _Processes(device)
     try:
         return _train(model, train_set, test_set, epochs, lr, step_lr, weight_decay, batch_size, seed, procs,
-                      checkpoint, progress, augment, stop_after)
+                      checkpoint, progress, augment, stop_after, penalty, recorder, record_every)
     finally:
         procs.close()
 
 
+def _record(model, recorder, iteration: int) -> dict:
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        rec = {"iteration": iteration, **recorder(model)}
+    model.train(was)
+    return rec
+
+
 def _train(model, train_set, test_set, epochs, lr, step_lr, weight_decay, batch_size, seed, procs, checkpoint,
-           progress, augment, stop_after):
+           progress, augment, stop_after, penalty, recorder, record_every):
     model = model.to(procs.device)
     sampler = DistributedSampler(train_set, num_replicas=procs.world, rank=procs.rank, shuffle=True, seed=seed,
                                  drop_last=True)
@@ -222,6 +245,8 @@ def _train(model, train_set, test_set, epochs, lr, step_lr, weight_decay, batch_
               "batch_size": batch_size, "seed": seed, "world_size": procs.world, "n_train": len(train_set),
               "augment": None if augment is None else getattr(augment, "__name__", type(augment).__name__),
               "parameters": [[n, list(p.shape)] for n, p in model.named_parameters()]}
+    if penalty is not None or recorder is not None:
+        config.update(penalty=None if penalty is None else repr(penalty), record_every=record_every)
     history, start = [], 0
     if checkpoint is not None and Path(checkpoint).exists():
         rec = load_checkpoint(checkpoint)
@@ -246,12 +271,16 @@ def _train(model, train_set, test_set, epochs, lr, step_lr, weight_decay, batch_
         sampler.set_epoch(epoch)
         gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch * 1_009 + procs.rank)
         loss_sum = n_seen = 0.0
-        batch_losses = []
-        for x, y in _epoch_batches(train_set, batch_size, sampler):
+        batch_losses, records = [], []
+        if recorder is not None and epoch == 0:
+            records.append(_record(model, recorder, 0))
+        for b, (x, y) in enumerate(_epoch_batches(train_set, batch_size, sampler)):
             if augment is not None:
                 x = augment(x, gen)
             x, y = x.to(procs.device), y.to(procs.device)
             loss = F.cross_entropy(net(x), y)
+            if penalty is not None:
+                loss = loss + penalty(model)
             opt_w.zero_grad(set_to_none=True)
             opt_s.zero_grad(set_to_none=True)
             loss.backward()
@@ -262,11 +291,16 @@ def _train(model, train_set, test_set, epochs, lr, step_lr, weight_decay, batch_
             batch_losses.append(float(loss.detach()))
             loss_sum += batch_losses[-1] * len(y)
             n_seen += len(y)
+            iteration = epoch * per_epoch + b + 1
+            if recorder is not None and iteration % record_every == 0:
+                records.append(_record(model, recorder, iteration))
+        if recorder is not None and not (records and records[-1]["iteration"] == iteration):
+            records.append(_record(model, recorder, iteration))  # every epoch ends with a record
         loss_sum, n_seen = procs.sum(loss_sum, n_seen)
         ev = evaluate_sharded(model, test_set, procs)
         history.append({"epoch": epoch + 1, "train_loss": loss_sum / max(n_seen, 1), "test_loss": ev["loss"],
                         "test_accuracy": ev["accuracy"], "steps": step_means(model), "batch_losses": batch_losses,
-                        "seconds": time.time() - t0})
+                        "seconds": time.time() - t0, **({"records": records} if recorder is not None else {})})
         bar.set_postfix(acc=f"{ev['accuracy']:.2f}")
         if checkpoint is not None and procs.rank == 0:
             save_checkpoint(checkpoint, {"config": config, "epoch": epoch + 1, "model": model.state_dict(),

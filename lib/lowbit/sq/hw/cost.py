@@ -18,16 +18,16 @@ Zimmermann 1997): 2-input AND/OR = 1, XOR = 2, inverter = 0, hence 2:1 MUX = 3,
 full adder = 7 (2 XOR + 2 AND + 1 OR). Every count is an upper bound from textbook
 structures (ripple-carry adders, array multiplier), no logic optimisation, as in the
 supplement's own model. :data:`ASSUMPTIONS` states each one next to the column it feeds.
+The unit-gate primitives (``UNIT_GATES``, the MUX, adder, negation and array-multiplier counts)
+live in :mod:`lowbit.core.gates`, shared with ALQ's cost model; ``UNIT_GATES`` is re-exported here.
 """
 from __future__ import annotations
 
 import math
 
+from ...core.gates import UNIT_GATES, array_multiplier_gates, mux2_count, ripple_adder_gates, xor_gates
 from ...core.validation import check_bits
 from .terms import TermSet, universal_terms
-
-# unit-gate model (Tyagi 1993; Zimmermann 1997): cost of each cell in 2-input-gate units
-UNIT_GATES = {"and2": 1, "or2": 1, "xor2": 2, "inv": 0, "mux2": 3, "half_adder": 3, "full_adder": 7}
 
 ASSUMPTIONS = {
     "sq_shifters_mux2": "supplement model k(M-1) per MUX, one MUX per term set; constant shifts are wires",
@@ -88,7 +88,7 @@ def mux_width(terms: TermSet, input_bits: int) -> int:
 
 def mux_cost(terms: TermSet, input_bits: int) -> int:
     """Supplement's model of one shifter: a k-bit M-to-1 MUX costs k (M - 1)."""
-    return mux_width(terms, input_bits) * (terms.cases - 1)
+    return mux2_count(mux_width(terms, input_bits), terms.cases)
 
 
 def shifter_cost(option, input_bits: int = 4) -> int:
@@ -151,10 +151,10 @@ def sq_mac_cost(option=5, weight_bits: int = 4, act_bits: int = 4, guard_bits: i
     out = {
         "sq_shifters_mux2": mux2,
         "sq_shifters_gates": mux2 * g["mux2"],
-        "sq_adder_gates": adder_bits * g["full_adder"],
+        "sq_adder_gates": ripple_adder_gates(adder_bits),
         "sq_product_bits": product_bits,
-        "sq_sign_gates": product_bits * g["xor2"],
-        "sq_acc_gates": (product_bits + guard_bits) * g["full_adder"],
+        "sq_sign_gates": xor_gates(product_bits),
+        "sq_acc_gates": ripple_adder_gates(product_bits + guard_bits),
         "sq_decoder_register_bits": n_points * select_bits,
         "sq_decoder_mux_gates": select_bits * (n_points - 1) * g["mux2"],
     }
@@ -168,14 +168,13 @@ def uniform_mac_cost(weight_bits: int = 4, act_bits: int = 4, guard_bits: int = 
     weight_bits = check_bits(weight_bits, "weight_bits", hi=16, lo=2)
     act_bits = check_bits(act_bits, "act_bits", hi=32, lo=1)
     guard_bits = check_bits(guard_bits, "guard_bits", hi=64, lo=0)
-    g = UNIT_GATES
     m = weight_bits - 1  # magnitude bits
     product_bits = m + act_bits
     out = {
-        "uniform_mult_gates": m * act_bits * g["and2"] + (m - 1) * act_bits * g["full_adder"],
+        "uniform_mult_gates": array_multiplier_gates(m, act_bits),
         "uniform_product_bits": product_bits,
-        "uniform_sign_gates": product_bits * g["xor2"],
-        "uniform_acc_gates": (product_bits + guard_bits) * g["full_adder"],
+        "uniform_sign_gates": xor_gates(product_bits),
+        "uniform_acc_gates": ripple_adder_gates(product_bits + guard_bits),
     }
     out["uniform_mac_gates"] = out["uniform_mult_gates"] + out["uniform_sign_gates"] + out["uniform_acc_gates"]
     return out
