@@ -239,3 +239,18 @@ def test_in_two_word_set_detects_an_off_grid_value():
     res.second[0, 0] = res.second[0, 0] + 1e-3
     res.values[0, 0] = res.first[0, 0] + res.second[0, 0]
     assert not in_two_word_set(res)
+
+
+def test_claim_lines_without_an_nzr_crossing():
+    from lowbit.alq.experiments.runs import claim_lines
+
+    def rec(nzrs, acc=90.0):
+        return {"records": [{"iteration": 10 * i, "accuracy": acc, "nzr": z, "deployed": {}} for i, z in enumerate(nzrs)],
+                "deployed": {"0.15": {"accuracy": acc, "nzr": nzrs[-1]}, "0.05": {"accuracy": acc, "nzr": nzrs[-1]}},
+                "fp_test_accuracy": 90.5}
+    c = {"ratios": [0.05, 0.15], "tile": 8}
+    runs = {(3, 0.05, True, None, 0): rec([0.3, 0.05]), (3, 0.15, True, None, 0): rec([0.3, 0.1]),
+            (3, 0.15, False, None, 0): rec([0.3, 0.2], 89.0), (3, 0.15, True, 8, 0): rec([0.3, 0.15])}
+    lines = claim_lines(runs, [3], c, [0])
+    assert lines[0].startswith("False") and "never reaches" in lines[0]
+    assert lines[1].startswith("True") and lines[2].startswith("True")

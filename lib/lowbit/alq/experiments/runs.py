@@ -372,11 +372,15 @@ def claim_lines(runs: dict, bits_list, c: dict, seeds) -> list[str]:
                           - runs[b, r, False, None, s]["deployed"][key]["accuracy"] for s in seeds])
         nzr_wo = np.mean([runs[b, r, False, None, s]["deployed"][key]["nzr"] for s in seeds])
         ok = row["mean difference"] is not None and row["mean difference"] > 0 and final.mean() > 0
-        lines.append(f"{ok!s:5s} W/A {b}/{b}: with select beats without (supplement: about +1.2 points at equal NZR); "
-                     f"select {r:.0%}: at equal NZR {row['NZR (with select, final)']:.3f} (with select at iteration "
+        if row["mean difference"] is None:
+            equal = "the without-select NZR curve never reaches the with-select run's final NZR"
+        else:
+            equal = (f"at equal NZR {row['NZR (with select, final)']:.3f} (with select at iteration "
                      f"{row['iteration (with select)']}, without at iteration {row['iteration (without select)']:.0f}) "
                      f"with {row['with select']} vs without {row['without select at equal NZR']}, difference "
-                     f"{row['difference']} (curve images); final, deployed at {r:.0%} (without select's NZR "
+                     f"{row['difference']} (curve images)")
+        lines.append(f"{ok!s:5s} W/A {b}/{b}: with select beats without (supplement: about +1.2 points at equal NZR); "
+                     f"select {r:.0%}: {equal}; final, deployed at {r:.0%} (without select's NZR "
                      f"{nzr_wo:.3f}): difference {_mean_std(final)} (test set, {len(seeds)} seeds)")
     for b in bits_list:
         key = f"{r:g}"
