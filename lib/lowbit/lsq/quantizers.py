@@ -45,7 +45,7 @@ import math
 import torch
 
 from ..core.validation import check_bits
-from . import kernel
+from . import kernel, segments
 
 MIN_STEP = 1e-8
 MAX_QAT_BITS = 8
@@ -184,18 +184,16 @@ def _half_backward(grad: torch.Tensor, z: torch.Tensor, y: torch.Tensor, k: torc
     """``(dL/dz, per-step gradient)`` of the unsigned rule. ``z`` lies in segment ``k`` when
     ``z <= y = c_k`` and in segment ``k + 1`` when ``z > y``; there ``round(u) - u = (y - z) / s_n``,
     so one weighted histogram over the segments gives every step's gradient; above ``c_N`` each step
-    receives +1, ``z <= 0`` nothing; ``dL/dz = grad`` on ``[0, c_N]``."""
+    receives +1, ``z <= 0`` nothing; ``dL/dz = grad`` on ``[0, c_N]``. The histogram is an exact
+    fixed-point sum (:mod:`lowbit.lsq.segments`), independent of the order of the elements."""
     n = len(s)
     c_n = torch.cumsum(s, 0)[-1]
     if k.dtype == torch.uint8:  # from the compiled kernel: the same operations, fused
-        dz, sums, g_above = kernel.backward(grad, z, y, k, c_n, n)
+        dz, sums = kernel.backward(grad, z, y, k, c_n, n)
     else:
-        above = z > c_n
-        seg = (k + (z > y)).reshape(-1)  # 0: z <= 0, 1..N: segments, N+1: above c_N
-        sums = torch.bincount(seg, weights=(grad * (y - z)).reshape(-1), minlength=n + 2)
-        dz = grad * ((z >= 0) & ~above)
-        g_above = grad * above
-    return dz, sums[1:n + 1].to(grad.dtype) / s + g_above.sum()
+        sums = segments.segment_sums(grad, z, y, k, n, float(c_n))
+        dz = grad * ((z >= 0) & ~(z > c_n))
+    return dz, sums[1:n + 1] / s + sums[n + 1]
 
 
 class _NuLSQFunction(torch.autograd.Function):
