@@ -21,6 +21,9 @@ pairs it actually ran. (b) also times the plain kernel (``prune=False``) for the
 pruning alone on one large layer.
 
 Run: ``.venv/bin/python bench/qps_search.py`` (``make bench``); writes bench/results/qps_search.json.
+``--device cuda`` runs the fast searches (a) and (c) with the vectorised torch backend on the GPU
+and writes bench/results/qps_search_cuda.json (the same command with ``--device cpu`` gives the CPU
+numbers to set beside it); without a GPU it stops with our error saying so.
 """
 from __future__ import annotations
 
@@ -58,7 +61,7 @@ def cpu_seconds() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def run_fast(layers, option: int, bits: int, budget: float | None, threads: int):
+def run_fast(layers, option: int, bits: int, budget: float | None, threads: int, device: str = "cpu"):
     """Fast search layer by layer; past ``budget`` seconds the remaining layers are projected."""
     rows, spent, per_pair = [], 0.0, None
     for name, w in layers:
@@ -68,7 +71,7 @@ def run_fast(layers, option: int, bits: int, budget: float | None, threads: int)
                          "measured": False})
             continue
         cpu0 = cpu_seconds()
-        res = search_qps(w, bits, universal=option, method="fast", threads=threads)
+        res = search_qps(w, bits, universal=option, method="fast", threads=threads, device=device)
         cpu = cpu_seconds() - cpu0
         spent += res.seconds
         rows.append({"layer": name, "shape": list(w.shape), "pairs": pairs, "seconds": res.seconds, "cpu_seconds": cpu, "measured": True,
@@ -89,14 +92,18 @@ def main(argv=None):
     ap.add_argument("--budget-c", type=float, default=None, help="seconds for (c) before projecting (default: none)")
     ap.add_argument("--ref-channels", type=int, default=8, help="output channels of the small layer for (b)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "qps_search.json"))
+    ap.add_argument("--device", default="cpu", help="cpu (the compiled kernel) or cuda (torch backend on the GPU)")
+    ap.add_argument("--out", default=None, help="default: bench/results/qps_search.json (_cuda.json on CUDA)")
     args = ap.parse_args(argv)
+    device = lowbit.core.validation.resolve_device(args.device)  # our error when there is no GPU
+    if args.out is None:
+        args.out = str(ROOT / "bench" / "results" / f"qps_search{'_cuda' if device.type == 'cuda' else ''}.json")
     torch.set_num_threads(args.threads)
     layers = conv_layers()
     started = time.time()
 
     print(f"(a) fast search, option 5, {args.bits}-bit, channel granularity, {len(layers)} layers")
-    rows_a = run_fast(layers, 5, args.bits, args.budget_a, args.threads)
+    rows_a = run_fast(layers, 5, args.bits, args.budget_a, args.threads, args.device)
     total_a = sum(r["seconds"] for r in rows_a)
 
     # (b) the smallest layer, first output channels
@@ -122,7 +129,7 @@ def main(argv=None):
           f"same QPS and loss {same_p}")
 
     print(f"(c) fast search, option 4, {args.bits}-bit ({qps_count(4, args.bits)} QPS), budget {args.budget_c} s")
-    rows_c = run_fast(layers, 4, args.bits, args.budget_c, args.threads)
+    rows_c = run_fast(layers, 4, args.bits, args.budget_c, args.threads, args.device)
     total_c = sum(r["seconds"] for r in rows_c)
     measured_c = all(r["measured"] for r in rows_c)
 
@@ -131,7 +138,8 @@ def main(argv=None):
                     "bits": args.bits, "granularity": "channel", "threads": args.threads},
         "machine": {"cpu_count": os.cpu_count(), "load_average_at_end": list(os.getloadavg()),
                     "python": platform.python_version(), "torch": torch.__version__,
-                    "device": "cuda" if torch.cuda.is_available() else "cpu"},
+                    "device": str(device),
+                    "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
         "a_fast_option5": {"seconds": total_a, "all_measured": all(r["measured"] for r in rows_a),
                            "target_seconds": 60, "paper": "0.5 h on a GPU", "layers": rows_a},
         "b_reference_vs_fast": {"layer": f"{name_b}[:{args.ref_channels}]", "shape": list(w_b.shape),

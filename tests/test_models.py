@@ -196,7 +196,7 @@ def test_untrainable_pairs_say_so(tmp_path, monkeypatch):
     monkeypatch.setattr(models, "models_dir", lambda: tmp_path)
     assert models.train_command("resnet18", "mnist") is None and models.train_command("lenet5", "digits") is None
     with pytest.raises(FileNotFoundError, match="lowbit trains only") as err:
-        models.load_pretrained("resnet18", "imagenet")
+        models.load_pretrained("resnet18", "mnist")
     assert not [c for c in _commands(str(err.value)) if "lowbit.train" in c]
     with pytest.raises(ValueError, match="trains one of"):
         train.train_fp("resnet18", "mnist", epochs=1)

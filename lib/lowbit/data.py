@@ -10,7 +10,7 @@
 Every IDX file is checked against the SHA-256 recorded in :data:`SHA256`; a missing or
 corrupt file raises an error naming the file and the command that fixes it
 (``make data``). ``dataset="imagenet"`` with ``data_dir=...`` is the paper-scale path
-(a torchvision ``ImageFolder`` with the usual 224x224 transforms).
+(:mod:`lowbit.imagenet`: a torchvision ``ImageFolder`` with the standard transforms).
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from . import imagenet
 from .paths import raw_dir
 from .results import sha256_file
 
@@ -146,19 +147,21 @@ def locate(name: str, filename: str, verify: bool = True) -> Path:
 _CACHE: dict = {}
 
 
-def load_dataset(name: str, split: str, data_dir=None, normalize: bool = True) -> Dataset:
+def load_dataset(name: str, split: str, data_dir=None, normalize: bool = True, image_size: int = 224) -> Dataset:
     """Torch Dataset of normalized images and int labels (API).
 
     ``name`` in ``"fashion-mnist"``, ``"mnist"`` (1x28x28), ``"digits"`` (1x8x8);
     ``split`` in ``"train"``, ``"test"``. ``name="imagenet"`` with ``data_dir`` returns a
-    torchvision ``ImageFolder`` (``data_dir/train`` or ``data_dir/val``) for paper scale.
+    torchvision ``ImageFolder`` of ``data_dir/train`` or ``data_dir/val`` (``split`` ``"train"``,
+    ``"val"``, or ``"test"`` as an alias of ``"val"``) with the standard transforms at
+    ``image_size`` 224 or 299 (Inception-v3: :func:`lowbit.imagenet.image_size`).
     """
     if not isinstance(name, str) or not isinstance(split, str):
         raise TypeError("load_dataset(name, split) takes two strings, e.g. ('fashion-mnist', 'train')")
+    if name == "imagenet":
+        return imagenet.image_folder(data_dir, split, image_size)
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}: use one of {SPLITS}")
-    if name == "imagenet":
-        return _imagefolder(data_dir, split)
     if name not in DATASETS:
         raise ValueError(f"unknown data set {name!r}: use one of {DATASETS} (or 'imagenet' with data_dir=...)")
     key = (name, split, normalize)
@@ -192,23 +195,6 @@ def _digits(split: str):
     return images[idx], labels[idx]
 
 
-def _imagefolder(data_dir, split: str):
-    if data_dir is None:
-        raise ValueError("dataset 'imagenet' needs data_dir=... (a folder with train/ and val/ ImageFolders)")
-    import torchvision.transforms as T
-    from torchvision.datasets import ImageFolder
-
-    root = Path(data_dir) / ("train" if split == "train" else "val")
-    if not root.is_dir():
-        raise DataMissingError(f"{root} is not a folder: data_dir must hold train/ and val/ ImageFolders")
-    norm = T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
-    if split == "train":
-        tf = T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ToTensor(), norm])
-    else:
-        tf = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(), norm])
-    return ImageFolder(str(root), transform=tf)
-
-
 def calibration_subset(dataset: Dataset, n: int, seed: int = 0) -> Dataset:
     """A fixed, seeded subset of ``n`` samples (drawn without replacement)."""
     if not isinstance(n, (int, np.integer)) or n <= 0:
@@ -222,12 +208,15 @@ def calibration_subset(dataset: Dataset, n: int, seed: int = 0) -> Dataset:
     return torch.utils.data.Subset(dataset, idx.tolist())
 
 
-def head(dataset: "TensorImageDataset", n: int | None) -> "TensorImageDataset":
-    """The first ``n`` samples of an in-memory data set (all of it if ``n`` is ``None`` or larger)."""
+def head(dataset: Dataset, n: int | None) -> Dataset:
+    """The first ``n`` samples of a data set (all of it if ``n`` is ``None`` or larger): an in-memory
+    slice of a :class:`TensorImageDataset`, a ``Subset`` of any other (an ImageFolder)."""
     if n is None or n >= len(dataset):
         return dataset
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
         raise ValueError(f"n must be a positive int or None, got {n!r}")
+    if not isinstance(dataset, TensorImageDataset):
+        return torch.utils.data.Subset(dataset, list(range(int(n))))
     return TensorImageDataset(dataset.images[:n], dataset.labels[:n], dataset.name, f"{dataset.split}[:{n}]")
 
 

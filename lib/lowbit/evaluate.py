@@ -1,33 +1,34 @@
-"""Accuracy and loss of a model on a data set."""
+"""Accuracy and loss of a model on a data set; the ImageNet FP baselines of the papers."""
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
-from .data import TensorImageDataset
-from .models import checkpoint_path
+from . import imagenet
+from .core.validation import resolve_device
+from .data import TensorImageDataset, head, load_dataset
+from .models import checkpoint_path, load_pretrained
 
 
-def _batches(dataset, batch_size: int):
+def _batches(dataset, batch_size: int, device):
     if isinstance(dataset, TensorImageDataset):
         for i in range(0, len(dataset), batch_size):
             yield dataset.images[i:i + batch_size], dataset.labels[i:i + batch_size]
     elif isinstance(dataset, DataLoader):
         yield from dataset
-    else:
-        yield from DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    else:  # an ImageFolder and the like: worker processes, pinned memory on CUDA
+        yield from imagenet.loader(dataset, batch_size, device=device)
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 1000, device=None) -> dict:
     """``{"accuracy": top-1 %, "loss": mean cross-entropy, "n": samples}`` in eval mode."""
-    if device is None:
-        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    device = resolve_device(device, default=next((p.device for p in model.parameters()), torch.device("cpu")))
     was_training = model.training
     model.eval()
     correct, loss_sum, n = 0, 0.0, 0
-    for x, y in _batches(dataset, batch_size):
+    for x, y in _batches(dataset, batch_size, device):
         x, y = x.to(device), y.to(device)
         logits = model(x)
         loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum").item()
@@ -58,3 +59,19 @@ def checkpoint_accuracy(model: nn.Module, model_name: str, dataset: str, test) -
     if key not in _CHECKPOINT_ACCURACY:
         _CHECKPOINT_ACCURACY[key] = accuracy(model, test)
     return _CHECKPOINT_ACCURACY[key]
+
+
+def imagenet_baselines(names, n_val: int | None = None, device=None, batch_size: int = 64) -> list[dict]:
+    """The FP rows of the papers' ImageNet tables, measured: top-1 of each torchvision network in
+    ``names`` (:data:`lowbit.imagenet.MODELS`) with the process's ImageNet weights on the first
+    ``n_val`` validation images (``None``: all), at its own input size (299 for Inception-v3)."""
+    rows = []
+    for name in names:
+        net = load_pretrained(name, "imagenet", device=device)
+        val = head(load_dataset("imagenet", "val", image_size=imagenet.image_size(name)), n_val)
+        out = evaluate(net, val, batch_size=batch_size, device=device)
+        weights = imagenet.active()["weights"]
+        rows.append({"model": name, "weights": str(weights.get(name) if isinstance(weights, dict) else weights),
+                     "params": sum(p.numel() for p in net.parameters()), "val images": out["n"],
+                     "top-1": out["accuracy"], "loss": out["loss"]})
+    return rows

@@ -18,7 +18,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import imagenet
 from .paths import models_dir, project_root
+from .core.validation import resolve_device
 from .results import sha256_file
 
 MODEL_NAMES = ("resnet20", "resnet32", "lenet5")
@@ -198,12 +200,24 @@ def load_metadata(name: str, dataset: str) -> dict:
     return json.loads(path.read_text())
 
 
-def load_pretrained(name: str, dataset: str, device: str | torch.device = "cpu") -> nn.Module:
-    """The committed FP model ``data/models/<name>-<dataset>.pt`` in eval mode.
+def load_pretrained(name: str, dataset: str, device: str | torch.device = "cpu", weights=None) -> nn.Module:
+    """The FP model in eval mode on ``device``.
 
-    The checkpoint's SHA-256 is checked against its metadata, so a truncated or corrupt
-    file raises instead of loading garbage. Every error names the command that fixes it.
+    ``dataset="imagenet"``: torchvision's ``name`` (:data:`lowbit.imagenet.MODELS`: ResNet-18/50,
+    MobileNetV2, Inception-v3) with ``weights="DEFAULT"`` (torchvision's weights mechanism; on a
+    connected machine it downloads into torchvision's cache), another torchvision weights name, or
+    ``weights="/path/file.pth"`` (a local state dict); a missing file or no network is an error naming
+    both options (:func:`lowbit.imagenet.load`).
+
+    Otherwise the committed checkpoint ``data/models/<name>-<dataset>.pt``: its SHA-256 is checked
+    against its metadata, so a truncated or corrupt file raises instead of loading garbage. Every
+    error names the command that fixes it.
     """
+    if dataset == "imagenet":
+        return imagenet.load(name, weights, device)
+    if weights is not None:
+        raise ValueError(f"weights={weights!r} is for dataset='imagenet'; {name}/{dataset} loads the committed "
+                         "checkpoint (leave weights=None)")
     path = checkpoint_path(name, dataset)
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint {_repo_path(path)}: {_how_to_get(name, dataset)}{FROM_ROOT}")
@@ -219,4 +233,4 @@ def load_pretrained(name: str, dataset: str, device: str | torch.device = "cpu")
     model = build(name)
     state = torch.load(path, map_location="cpu", weights_only=True)
     model.load_state_dict(state)
-    return model.to(device).eval()
+    return model.to(resolve_device(device, default="cpu")).eval()

@@ -22,6 +22,44 @@ from pathlib import Path
 from . import paths
 
 PROFILES = ("smoke", "default", "paper")
+PAPER_INPUTS = ("data_dir", "weights")  # the parameters-cell knobs a paper profile may need
+
+
+class PaperInputsMissing(ValueError):
+    """The paper profile was asked for without the ImageNet folder or weights it needs. In Jupyter
+    the message alone is shown (no traceback): the notebook stops at its setup cell."""
+
+    def _render_traceback_(self):  # IPython's hook: what a failing cell prints
+        return [f"PaperInputsMissing: {line}" if i == 0 else line for i, line in enumerate(str(self).splitlines())]
+
+
+def paper_inputs(notebook: str, profile: str, params: dict, needs=PAPER_INPUTS) -> bool:
+    """For the paper profile: check that ``params`` give every input in ``needs`` (``data_dir``: a
+    folder with ImageNet's ``train/`` and ``val/`` ImageFolders; ``weights``: ``"DEFAULT"`` or a state
+    dict path) and make them this process's ImageNet inputs (:func:`lowbit.imagenet.use`); a
+    :class:`PaperInputsMissing` saying exactly what is missing and the command that runs it otherwise.
+    ``False`` (nothing done) for the other profiles."""
+    if profile != "paper":
+        return False
+    unknown = sorted(set(needs) - set(PAPER_INPUTS))
+    if unknown:
+        raise ValueError(f"unknown paper inputs {unknown}: use a subset of {PAPER_INPUTS}")
+    missing = [k for k in needs if params.get(k) is None]
+    if missing:
+        what = {"data_dir": "data_dir: a folder holding ImageNet's train/ and val/ in torchvision's ImageFolder "
+                            "layout (one sub-folder per class)",
+                "weights": "weights: 'DEFAULT' (torchvision's pretrained weights, downloaded into its cache on a "
+                           "connected machine) or the path of a saved state dict"}
+        args = " ".join(f"-p {k} {'/path/to/imagenet' if k == 'data_dir' else 'DEFAULT'}" for k in needs)
+        stem = notebook_path(notebook).stem
+        raise PaperInputsMissing(
+            f"profile='paper' runs {stem}'s ImageNet protocol and needs {' and '.join(missing)}, not given:\n"
+            + "".join(f"  {what[k]}\n" for k in missing)
+            + f"run it as: papermill notebooks/{stem}.ipynb runs/{stem}-paper.ipynb -p profile paper {args}")
+    from . import imagenet
+
+    imagenet.use(params.get("data_dir"), params.get("weights"))
+    return True
 
 
 def _check(profile: str) -> str:
@@ -109,12 +147,15 @@ def _plan(notebook: str, profile: str, params: dict) -> tuple[Path | None, list[
     return paths.runs_dir() / f"{stem}-{profile}-{digest}", changes
 
 
-def resolve(profile: str = "default", notebook: str | None = None, **params) -> str:
+def resolve(profile: str = "default", notebook: str | None = None, paper_needs=None, **params) -> str:
     """The active profile: ``$LOWBIT_PROFILE`` if set, else ``profile``; validated.
 
     With ``notebook`` (the notebook's stem) and every knob of its parameters cell as keywords,
     also chooses where this process writes (:func:`lowbit.paths.output_dir`): the committed
-    folders for the default run, else ``$LOWBIT_OUTPUT_DIR`` or a per-run folder, printed.
+    folders for the default run, else ``$LOWBIT_OUTPUT_DIR`` or a per-run folder, printed. At the
+    paper profile the ImageNet inputs among the knobs (``data_dir``, ``weights``; ``paper_needs``
+    says which the notebook needs, default those its parameters cell has) are checked and set
+    (:func:`paper_inputs`) before anything runs.
     """
     chosen = _check(os.environ.get("LOWBIT_PROFILE") or profile)
     if notebook is None:
@@ -122,6 +163,8 @@ def resolve(profile: str = "default", notebook: str | None = None, **params) -> 
             raise TypeError(f"resolve() got knobs {sorted(params)} without notebook=...: pass the notebook's stem")
         return chosen
     folder, changes = _plan(notebook, chosen, params)
+    needs = tuple(k for k in PAPER_INPUTS if k in params) if paper_needs is None else tuple(paper_needs)
+    paper_inputs(notebook, chosen, params, needs)
     paths.set_run_output(folder)
     env = os.environ.get("LOWBIT_OUTPUT_DIR")
     if env:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ...core.validation import resolve_device
 from ...data import calibration_subset, head, load_dataset
 from ...evaluate import accuracy, checkpoint_accuracy, evaluate
 from ...models import load_pretrained
@@ -43,8 +44,11 @@ def qat_experiment(model_name: str, dataset: str, variant: str, bits: int, *, se
                    train_n: int | None = None, curve_n: int | None = 2000, test_n: int | None = None,
                    batch_size: int = 128,
                    lr: float = 0.01, step_lr: float = 1e-3, weight_decay: float = 5e-4, first_last=8,
-                   init: str = "lsq", progress: bool = True) -> dict:
-    """One QAT run as a JSON-able record (API); see the module docstring."""
+                   init: str = "lsq", device=None, progress: bool = True) -> dict:
+    """One QAT run as a JSON-able record (API); see the module docstring. ``device``: where
+    :func:`lowbit.lsq.train_qat` trains (``None``: CPU; ``"cuda"`` without a GPU is a ``ValueError``);
+    initialisation, evaluation and entropy run on the CPU."""
+    resolve_device(device)  # fail before loading anything
     t0 = time.time()
     seed_all(seed)
     fp = load_pretrained(model_name, dataset)
@@ -58,7 +62,8 @@ def qat_experiment(model_name: str, dataset: str, variant: str, bits: int, *, se
     at_init = evaluate(qmodel, head(test, curve_n))  # epoch 0 of the curve: the initialised steps, no training
     qmodel, history = train_qat(qmodel, train, head(test, curve_n), epochs, lr=lr, step_lr=step_lr,
                                 weight_decay=weight_decay, batch_size=batch_size, seed=seed,
-                                augment=batch_augmentation(dataset), progress=progress)
+                                augment=batch_augmentation(dataset), device=device, progress=progress)
+    qmodel = qmodel.cpu()
     train_seconds = time.time() - t0
     return {"model": model_name, "dataset": dataset, "variant": variant, "bits": bits, "seed": seed,
             "init_curve": {"test_accuracy": at_init["accuracy"], "test_loss": at_init["loss"]},
@@ -72,13 +77,15 @@ def qat_experiment(model_name: str, dataset: str, variant: str, bits: int, *, se
 def run_config(c: dict, variant: str, bits: int, seed: int) -> dict:
     """The keyword arguments of :func:`qat_experiment` (and the cache key) for profile ``c``:
     ``model``, ``dataset``, ``epochs``, ``train_n``, ``curve_n``, ``test_n`` (``None``: the whole test set),
-    ``batch_size``, ``lr``, ``step_lr``."""
+    ``batch_size``, ``lr``, ``step_lr``, and ``device`` when ``c`` names one other than the CPU (a GPU
+    run is keyed apart from the CPU runs)."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}: use one of {list(VARIANTS)}")
     return dict(model_name=c["model"], dataset=c["dataset"], variant=variant, bits=bits, seed=seed,
                 epochs=c["epochs"], train_n=c["train_n"], curve_n=c["curve_n"], test_n=c["test_n"],
                 batch_size=c["batch_size"],
-                lr=c["lr"], step_lr=c["step_lr"])
+                lr=c["lr"], step_lr=c["step_lr"],
+                **({"device": str(c["device"])} if c.get("device") not in (None, "cpu") else {}))
 
 
 def cached_run(c: dict, variant: str, bits: int, seed: int, progress: bool = True) -> dict:

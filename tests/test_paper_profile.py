@@ -1,0 +1,75 @@
+"""The paper profile on this machine: a notebook's ImageNet path run end to end by papermill on a fake
+ImageNet folder with a locally saved torchvision state dict (random init), and the clean stop of a
+paper run that lacks its inputs."""
+import json
+
+import pytest
+import torch
+
+from lowbit import imagenet, paths, profiles
+
+from test_imagenet import fake_imagenet
+
+ROOT = paths.project_root()
+
+
+@pytest.fixture
+def restore_imagenet_inputs():
+    before = imagenet.active()
+    yield
+    imagenet.use(**before)
+
+
+def test_paper_profile_without_inputs_says_what_it_needs(restore_imagenet_inputs, monkeypatch, tmp_path):
+    monkeypatch.delenv("LOWBIT_PROFILE", raising=False)
+    monkeypatch.setenv("LOWBIT_OUTPUT_DIR", str(tmp_path))
+    knobs = profiles.notebook_defaults("00-baselines")
+    knobs.pop("profile")
+    with pytest.raises(profiles.PaperInputsMissing) as err:
+        profiles.resolve("paper", notebook="00-baselines", **knobs)
+    text = str(err.value)
+    assert "needs data_dir and weights" in text and "train/ and val/" in text and "'DEFAULT'" in text
+    assert "papermill notebooks/00-baselines.ipynb" in text and "-p data_dir" in text
+    assert err.value._render_traceback_()[0].startswith("PaperInputsMissing: profile='paper'")  # no traceback
+    with pytest.raises(profiles.PaperInputsMissing, match="needs weights, not given"):
+        profiles.resolve("paper", notebook="00-baselines", **dict(knobs, data_dir=str(fake_imagenet(tmp_path / "in"))))
+    assert profiles.resolve("default", notebook="00-baselines", **knobs) == "default"  # nothing needed there
+
+
+def _papermill(notebook, out, params, tmp_path, monkeypatch):
+    import papermill
+
+    monkeypatch.delenv("LOWBIT_PROFILE", raising=False)
+    monkeypatch.setenv("LOWBIT_OUTPUT_DIR", str(tmp_path / "outputs"))
+    papermill.execute_notebook(str(ROOT / "notebooks" / f"{notebook}.ipynb"), str(out), parameters=params,
+                               kernel_name="python3", cwd=str(ROOT / "notebooks"), progress_bar=False)
+    return json.loads(out.read_text())
+
+
+def _text(nb) -> str:
+    return "".join("".join(o.get("text", "")) for c in nb["cells"] for o in c.get("outputs", []))
+
+
+def test_notebook_00_paper_path_runs_end_to_end(tmp_path, monkeypatch):
+    data_dir = fake_imagenet(tmp_path / "imagenet", classes=3, per_class=2)
+    torch.manual_seed(0)
+    state = tmp_path / "resnet18.pth"
+    torch.save(imagenet.build("resnet18").state_dict(), state)
+    nb = _papermill("00-baselines", tmp_path / "00.ipynb",
+                    {"profile": "paper", "data_dir": str(data_dir), "weights": {"resnet18": str(state)},
+                     "imagenet_models": ["resnet18"], "n_val": 4, "n_test": 200}, tmp_path, monkeypatch)
+    text = _text(nb)
+    assert "ImageNet FP baselines: paper profile only" not in text
+    table = (tmp_path / "outputs" / "figures" / "fp_baselines_imagenet.csv").read_text().splitlines()
+    assert table[0].startswith("model,weights,params,val images,top-1") and len(table) == 2
+    row = table[1].split(",")
+    assert row[0] == "resnet18" and row[1] == str(state) and row[3] == "4"  # n_val images, our weights
+    assert not (ROOT / "figures" / "fp_baselines_imagenet.csv").exists()  # never into the committed figures
+
+
+def test_notebook_00_paper_run_without_data_dir_stops_at_setup(tmp_path, monkeypatch):
+    import papermill
+
+    with pytest.raises(papermill.PapermillExecutionError, match="PaperInputsMissing") as err:
+        _papermill("00-baselines", tmp_path / "00.ipynb", {"profile": "paper"}, tmp_path, monkeypatch)
+    assert "needs data_dir and weights" in str(err.value)
