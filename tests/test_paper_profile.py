@@ -2,6 +2,7 @@
 ImageNet folder with a locally saved torchvision state dict (random init), and the clean stop of a
 paper run that lacks its inputs."""
 import json
+import os
 
 import pytest
 import torch
@@ -50,11 +51,19 @@ def _text(nb) -> str:
     return "".join("".join(o.get("text", "")) for c in nb["cells"] for o in c.get("outputs", []))
 
 
-def test_notebook_00_paper_path_runs_end_to_end(tmp_path, monkeypatch):
-    data_dir = fake_imagenet(tmp_path / "imagenet", classes=3, per_class=2)
+@pytest.fixture(scope="module")
+def paper_inputs(tmp_path_factory):
+    """A fake ImageNet (3 classes x 4 images per split) and a saved random-init ResNet-18 state dict."""
+    root = tmp_path_factory.mktemp("paper")
+    data_dir = fake_imagenet(root / "imagenet", classes=3, per_class=4)
     torch.manual_seed(0)
-    state = tmp_path / "resnet18.pth"
+    state = root / "resnet18.pth"
     torch.save(imagenet.build("resnet18").state_dict(), state)
+    return data_dir, state
+
+
+def test_notebook_00_paper_path_runs_end_to_end(paper_inputs, tmp_path, monkeypatch):
+    data_dir, state = paper_inputs
     nb = _papermill("00-baselines", tmp_path / "00.ipynb",
                     {"profile": "paper", "data_dir": str(data_dir), "weights": {"resnet18": str(state)},
                      "imagenet_models": ["resnet18"], "n_val": 4, "n_test": 200}, tmp_path, monkeypatch)
@@ -73,3 +82,27 @@ def test_notebook_00_paper_run_without_data_dir_stops_at_setup(tmp_path, monkeyp
     with pytest.raises(papermill.PapermillExecutionError, match="PaperInputsMissing") as err:
         _papermill("00-baselines", tmp_path / "00.ipynb", {"profile": "paper"}, tmp_path, monkeypatch)
     assert "needs data_dir and weights" in str(err.value)
+
+
+SLOW = pytest.mark.skipif(os.environ.get("LOWBIT_SLOW_TESTS", "") in ("", "0"),
+                          reason="tens of minutes on 2 CPU cores (ResNet-18's PTQ rows, refinement above all): "
+                                 "LOWBIT_SLOW_TESTS=1 runs it")
+
+
+@SLOW
+def test_notebook_03_paper_path_runs_end_to_end(paper_inputs, tmp_path, monkeypatch):
+    """SQ Tables 2-3 and the supplement's Table 2 on ResNet-18/ImageNet, with tiny knobs."""
+    data_dir, state = paper_inputs
+    nb = _papermill("03-subset-quantization-ptq", tmp_path / "03.ipynb",
+                    {"profile": "paper", "data_dir": str(data_dir), "weights": {"resnet18": str(state)},
+                     "paper_models": ["resnet18/imagenet"], "supp_model": "resnet18/imagenet", "seeds": [0],
+                     "w_only": [2], "w_act": [[2, 4]], "supp_options": [5], "supp_bits": 2, "calib_size": 6,
+                     "n_val": 6}, tmp_path, monkeypatch)
+    text = _text(nb)
+    assert "resnet18/imagenet: seeds [0], test images 6, calibration 6" in text
+    table2 = (tmp_path / "outputs" / "figures" / "sq_table2_weight_only.csv").read_text().splitlines()
+    assert table2[0].startswith("network,method,FP,2/32") and len(table2) == 1 + 7  # the seven method rows
+    assert all(r.startswith("resnet18/imagenet,") for r in table2[1:])
+    table3 = (tmp_path / "outputs" / "figures" / "sq_table3_fully_quantized.csv").read_text()
+    assert "2/4" in table3.splitlines()[0]
+    assert "SQ Table 2 (weight-only" in text and "CPU-scale" not in text.split("sq_table2")[0][-400:]

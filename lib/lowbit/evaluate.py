@@ -55,7 +55,7 @@ def checkpoint_accuracy(model: nn.Module, model_name: str, dataset: str, test) -
     file's modification time, so a retrained checkpoint is evaluated again."""
     path = checkpoint_path(model_name, dataset)
     key = (model_name, dataset, getattr(test, "split", None), len(test),
-           path.stat().st_mtime_ns if path.exists() else None)
+           path.stat().st_mtime_ns if path.exists() else repr(imagenet.active()))
     if key not in _CHECKPOINT_ACCURACY:
         _CHECKPOINT_ACCURACY[key] = accuracy(model, test)
     return _CHECKPOINT_ACCURACY[key]

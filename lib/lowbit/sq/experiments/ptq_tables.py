@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ... import data, evaluate, models as model_zoo
+from ... import data, evaluate, imagenet, models as model_zoo
 from ...nn.fold_bn import fold_bn
 from ...nn.layers import quantized_layers
 from ...results import cached
@@ -23,21 +23,22 @@ from ..ptq import FitCache, PTQConfig, quantize_model
 
 def run_ptq(model: str, dataset: str, method: str, w_bits: int, a_bits: int | None = None,
             refine=False, seed: int = 0, calib_size: int = 1024, test_size: int | None = None,
-            first_last_bits: int = 8, universal=5, max_rows: int = 16384, refine_size: int | None = None) -> dict:
+            first_last_bits: int = 8, universal=5, max_rows: int = 16384, refine_size: int | None = None,
+            device=None) -> dict:
     """One cell of SQ Tables 2-3: quantize the committed FP ``model``/``dataset`` and test it.
 
-    The calibration set is ``calib_size`` training images drawn with ``seed``
-    (:func:`lowbit.data.calibration_subset`); accuracy is top-1 % on the first ``test_size``
-    test images (all by default). Returns ``{"accuracy", "fp_accuracy", "seconds", "threads",
+    ``dataset="imagenet"``: torchvision's ``model`` with this process's ImageNet weights and data
+    (:func:`lowbit.imagenet.use`), the paper's setting. The calibration set is ``calib_size``
+    training images drawn with ``seed`` (:func:`lowbit.data.calibration_subset`); accuracy is top-1 %
+    on the first ``test_size`` test (ImageNet: validation) images, all by default. ``device``: where
+    the quantized model runs and is evaluated (``PTQConfig.device``). Returns ``{"accuracy", "fp_accuracy", "seconds", "threads",
     "weight_mse"}`` (compute wall time and torch threads; mean weight MSE over the body layers)
     -- JSON-able, for
     :func:`lowbit.results.cached`.
     """
     started = time.time()
     fp = model_zoo.load_pretrained(model, dataset)
-    test = data.load_dataset(dataset, "test")
-    if test_size is not None and test_size < len(test):
-        test = data.TensorImageDataset(test.images[:test_size], test.labels[:test_size], test.name, test.split)
+    test = data.head(data.load_dataset(dataset, "test"), test_size)
     needs_calib = a_bits is not None or bool(refine)
     calib = (data.calibration_subset(data.load_dataset(dataset, "train"), calib_size, seed)
              if needs_calib else None)
@@ -45,10 +46,10 @@ def run_ptq(model: str, dataset: str, method: str, w_bits: int, a_bits: int | No
     if method == "sq":  # reuse (or store) the per-layer searches in data/derived/sq_search_model-*.json
         fits.prime_sq(fp, w_bits, universal, tag=f"{model}-{dataset}")
     config = PTQConfig(method, w_bits, a_bits=a_bits, first_last_bits=first_last_bits, refine=refine, seed=seed,
-                       max_rows=max_rows, universal=universal, refine_size=refine_size)
+                       max_rows=max_rows, universal=universal, refine_size=refine_size, device=device)
     qmodel = quantize_model(fp, config=config, calib=calib, fits=fits)
     body = [layer.weight_mse() for _, layer in quantized_layers(qmodel) if layer.role == "body"]
-    return {"accuracy": evaluate.accuracy(qmodel, test),
+    return {"accuracy": evaluate.accuracy(qmodel, test, device=device),
             "fp_accuracy": evaluate.checkpoint_accuracy(fp, model, dataset, test),  # once per process
             "seconds": time.time() - started, "threads": torch.get_num_threads(),
             "weight_mse": float(np.mean(body)) if body else 0.0}
@@ -68,11 +69,12 @@ def degradation_cell(fp_accuracy: float, accuracies) -> str:
 
 def cached_run(model: str, dataset: str, method: str, w_bits: int, a_bits: int | None = None, refine=False,
                seed: int = 0, calib_size: int = 1024, test_size: int | None = None, universal=5,
-               refine_size: int | None = None) -> dict:
+               refine_size: int | None = None, device=None) -> dict:
     """:func:`run_ptq` through :func:`lowbit.results.cached` (``data/derived/sq_ptq_run-*.json``).
 
     Weight-only PTQ without refinement uses no calibration data, so its result does not depend
     on ``seed``/``calib_size``: they are left out of its cache key (one run serves every seed).
+    A ``device`` other than the CPU is part of the key.
     """
     uses_calib = a_bits is not None or bool(refine)
     config = dict(model=model, dataset=dataset, method=method, w_bits=w_bits, a_bits=a_bits,
@@ -83,9 +85,11 @@ def cached_run(model: str, dataset: str, method: str, w_bits: int, a_bits: int |
         config["refine_size"] = refine_size
     else:
         refine_size = None
+    if device is not None and str(device) != "cpu":
+        config["device"] = str(device)
     return cached("sq_ptq_run", config, lambda: run_ptq(
         model, dataset, method, w_bits, a_bits=a_bits, refine=refine, seed=seed, calib_size=calib_size,
-        test_size=test_size, universal=universal, refine_size=refine_size))
+        test_size=test_size, universal=universal, refine_size=refine_size, device=device))
 
 
 # ----------------------------------------------------------------------------- notebook 03's tables
@@ -104,7 +108,8 @@ class PTQStudy:
     """Notebook 03's cached table cells for one profile, recording what each cell cost when computed.
 
     ``cfg``: the profile's settings (``models`` as ``"model/dataset"`` keys, ``seeds``, ``test_size``,
-    ``refine_size`` per key, ``calib_size``); ``universal``: SQ's universal set for the SQ rows.
+    ``refine_size`` per key, ``calib_size``, optionally ``device``); ``universal``: SQ's universal set for
+    the SQ rows. A ``"<model>/imagenet"`` key is torchvision's network with the process's ImageNet inputs.
     ``cost`` lists ``(cell, network, part, seconds, threads)`` of every cached run read, the cold cost.
     """
 
@@ -114,8 +119,15 @@ class PTQStudy:
         self.fp_accuracy: dict[str, float] = {}
 
     def available(self) -> tuple[list[str], list[str]]:
-        """``(models with a committed FP checkpoint, models without)`` of ``cfg["models"]``."""
-        have = [k for k in self.cfg["models"] if model_zoo.checkpoint_path(*k.split("/")).exists()]
+        """``(models with a committed FP checkpoint or given ImageNet weights, models without)`` of
+        ``cfg["models"]``."""
+        def present(key):
+            model, dataset = key.split("/")
+            if dataset == "imagenet":
+                weights = imagenet.active()["weights"]
+                return (weights.get(model) if isinstance(weights, dict) else weights) is not None
+            return model_zoo.checkpoint_path(model, dataset).exists()
+        have = [k for k in self.cfg["models"] if present(k)]
         return have, [k for k in self.cfg["models"] if k not in have]
 
     def seeds_for(self, key: str, a_bits, refine) -> list[int]:
@@ -127,7 +139,8 @@ class PTQStudy:
         universal = self.universal if universal is None else universal
         model, dataset = key.split("/")
         r = cached_run(model, dataset, method, w_bits, a_bits, refine, seed, self.cfg["calib_size"],
-                       self.cfg["test_size"].get(key), universal, self.cfg["refine_size"].get(key))
+                       self.cfg["test_size"].get(key), universal, self.cfg["refine_size"].get(key),
+                       self.cfg.get("device"))
         self.fp_accuracy[key] = r["fp_accuracy"]
         part = ("refine" if refine else "no refine") + (", activations" if a_bits else ", weight-only")
         self.cost.append(dict(cell=(key, method, w_bits, a_bits, refine, seed, repr(universal)), network=key,
