@@ -13,7 +13,9 @@ threads with interleaved accumulators and still equal the torch path bit for bit
 sums deterministic on a GPU. ``S`` is set from a bound ``B = max|g| * max(1, c_N)`` on the terms so
 that no sum can overflow (:func:`sum_exponent`): a term is rounded by at most
 ``2^-S / 2 <= 2^-49 * count * B`` and a sum is off by at most ``2^-49 * count^2 * B``: that bound is
-``2^25`` times below float32's running-sum bound (``2^-24`` of the partial sum per addition). A non-finite gradient or input
+``2^25`` times below float32's running-sum bound (``2^-24`` of the partial sum per addition).
+Float64 terms (the torch path only; the kernel takes float32) keep a second fixed-point word for the
+remainder, ``2^-(S + T)`` with ``T = 51 - L``, so their sums are float64-accurate. A non-finite gradient or input
 falls back to a float64 sum, so NaN and inf propagate.
 """
 from __future__ import annotations
@@ -79,6 +81,14 @@ def segment_sums(grad: torch.Tensor, z: torch.Tensor, y: torch.Tensor, k: torch.
     if not finite(grad, z):
         return float_sums(seg, v, n)
     exponent = sum_exponent(largest(grad), c_n, v.numel())
-    q = (v.to(torch.float64) * 2.0 ** exponent).round()  # half to even
-    sums = torch.zeros(n + 2, dtype=torch.float64, device=v.device).index_add_(0, seg, q)
-    return from_fixed(sums, exponent, v.dtype)
+    scaled = v.to(torch.float64) * 2.0 ** exponent  # exact: a power-of-two scaling
+    hi = scaled.round()  # half to even
+    sums = torch.zeros(n + 2, dtype=torch.float64, device=v.device).index_add_(0, seg, hi)
+    if v.dtype != torch.float64:
+        return from_fixed(sums, exponent, v.dtype)
+    # float64 terms keep a second word: the remainder |scaled - hi| <= 1/2 (exact), itself in fixed
+    # point with 2^-(S + T), so the sum is as fine as float64 can hold it
+    low_exponent = SUM_BITS - 1 - int(v.numel()).bit_length()
+    lo = ((scaled - hi) * 2.0 ** low_exponent).round()
+    low = torch.zeros(n + 2, dtype=torch.float64, device=v.device).index_add_(0, seg, lo)
+    return sums * 2.0 ** -exponent + low * 2.0 ** -(exponent + low_exponent)
