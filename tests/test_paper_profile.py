@@ -106,3 +106,26 @@ def test_notebook_03_paper_path_runs_end_to_end(paper_inputs, tmp_path, monkeypa
     table3 = (tmp_path / "outputs" / "figures" / "sq_table3_fully_quantized.csv").read_text()
     assert "2/4" in table3.splitlines()[0]
     assert "SQ Table 2 (weight-only" in text and "CPU-scale" not in text.split("sq_table2")[0][-400:]
+
+
+def test_notebook_02_paper_path_runs_end_to_end(paper_inputs, tmp_path, monkeypatch):
+    """SQ's scale-factor study on torchvision ResNet-18's weights (no images needed), with tiny knobs."""
+    _, state = paper_inputs
+    nb = _papermill("02-scale-factor-convergence", tmp_path / "02.ipynb",
+                    {"profile": "paper", "weights": {"resnet18": str(state)}, "paper_bits": [2], "paper_sample": 10,
+                     "paper_winner_max_channels": 4}, tmp_path, monkeypatch)
+    text = _text(nb)
+    assert "resnet18/imagenet layer1.0.conv1" in text and "missing checkpoint" not in text
+    census = (tmp_path / "outputs" / "figures" / "sq_convergence_census.csv").read_text()
+    assert "\n2,model,19," in census  # ResNet-18's 19 SQ layers (every conv/linear but the first and last)
+
+
+def test_notebook_01_paper_path_runs_end_to_end(paper_inputs, tmp_path, monkeypatch):
+    """Supplement Table 2's universal-set options on torchvision ResNet-18 with ImageNet, tiny knobs."""
+    data_dir, state = paper_inputs
+    nb = _papermill("01-universal-set-design", tmp_path / "01.ipynb",
+                    {"profile": "paper", "data_dir": str(data_dir), "weights": {"resnet18": str(state)},
+                     "options": [1, 5], "paper_bits": [2], "n_val": 4}, tmp_path, monkeypatch)
+    assert "2 searches" in _text(nb)
+    table = (tmp_path / "outputs" / "figures" / "sq_supp_table2_options.csv").read_text().splitlines()
+    assert len(table) == 3 and all(r.startswith("resnet18/imagenet,2,") for r in table[1:])

@@ -70,8 +70,7 @@ def imagenet_baselines(names, n_val: int | None = None, device=None, batch_size:
         net = load_pretrained(name, "imagenet", device=device)
         val = head(load_dataset("imagenet", "val", image_size=imagenet.image_size(name)), n_val)
         out = evaluate(net, val, batch_size=batch_size, device=device)
-        weights = imagenet.active()["weights"]
-        rows.append({"model": name, "weights": str(weights.get(name) if isinstance(weights, dict) else weights),
+        rows.append({"model": name, "weights": str(imagenet.weights_for(name)),
                      "params": sum(p.numel() for p in net.parameters()), "val images": out["n"],
                      "top-1": out["accuracy"], "loss": out["loss"]})
     return rows

@@ -26,6 +26,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .core.validation import resolve_device
+from .results import sha256_file
 
 MODELS = ("resnet18", "resnet50", "mobilenet_v2", "inception_v3")  # the SQ and Q-Rater papers' networks
 CLASSES = 1000
@@ -54,6 +55,28 @@ def use(data_dir=None, weights=None) -> None:
 def active() -> dict:
     """``{"data_dir", "weights"}`` set by :func:`use` (``None`` where unset)."""
     return dict(_ACTIVE)
+
+
+def weights_for(name: str, weights=None):
+    """The weights ``load(name, weights)`` uses: ``weights``, else this process's (a dict is looked up)."""
+    if weights is None:
+        weights = _ACTIVE["weights"]
+    return weights.get(name) if isinstance(weights, dict) else weights
+
+
+def weights_identity(name: str, weights=None) -> str:
+    """What identifies the weights ``load`` uses, for cache keys: the SHA-256 of a local file, else
+    torchvision's weights entry (``"ResNet18_Weights.IMAGENET1K_V1"``)."""
+    w = weights_for(name, weights)
+    if w is None:
+        raise ValueError(f"{name} on ImageNet needs weights: {_options(name)}")
+    if _is_path(w):
+        path = Path(w).expanduser()
+        return sha256_file(path) if path.is_file() else str(path)
+    import torchvision
+
+    enum = torchvision.models.get_model_weights(name)
+    return str(enum.DEFAULT if w == "DEFAULT" else enum[w])
 
 
 def check_model(name: str) -> str:
@@ -174,10 +197,7 @@ def load(name: str, weights, device=None) -> nn.Module:
     weights set by :func:`use`; a dict maps network names to either)."""
     check_model(name)
     dev = resolve_device(device, default="cpu")
-    if weights is None:
-        weights = _ACTIVE["weights"]
-    if isinstance(weights, dict):  # one entry per network, e.g. {"resnet18": "/path/resnet18.pth"}
-        weights = weights.get(name)
+    weights = weights_for(name, weights)  # a dict has one entry per network
     if weights is None:
         raise ValueError(f"{name} on ImageNet needs weights: {_options(name)}")
     if _is_path(weights):

@@ -192,6 +192,23 @@ def _how_to_get(name: str, dataset: str) -> str:
     return f"train it with `{cmd}`"
 
 
+def available(name: str, dataset: str) -> bool:
+    """Whether :func:`load_pretrained` has weights for ``name``/``dataset``: the committed checkpoint
+    exists, or (ImageNet) this process's ImageNet weights name one for ``name``
+    (:func:`lowbit.imagenet.use`)."""
+    if dataset == "imagenet":
+        return imagenet.weights_for(name) is not None
+    return checkpoint_path(name, dataset).exists()
+
+
+def weights_identity(name: str, dataset: str) -> str:
+    """What identifies the FP weights of ``name``/``dataset`` in cache keys: the committed checkpoint's
+    recorded SHA-256, or for ImageNet :func:`lowbit.imagenet.weights_identity`."""
+    if dataset == "imagenet":
+        return imagenet.weights_identity(name)
+    return load_metadata(name, dataset).get("sha256", "")
+
+
 def load_metadata(name: str, dataset: str) -> dict:
     """The JSON metadata (accuracy, seed, epochs, time, commit) next to a checkpoint."""
     path = checkpoint_path(name, dataset).with_suffix(".json")

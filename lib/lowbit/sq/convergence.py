@@ -61,10 +61,11 @@ def synthetic_tensors(shape) -> dict[str, torch.Tensor]:
 
 def model_tensors(models) -> tuple[dict[str, torch.Tensor], list[str]]:
     """The SQ layers (every conv/linear but the first and the last) of each ``(name, dataset)``
-    FP checkpoint, as float64 weights named ``"name/dataset layer"``; and the missing checkpoints."""
+    FP checkpoint (``"imagenet"``: torchvision's network with the process's ImageNet weights), as
+    float64 weights named ``"name/dataset layer"``; and the missing checkpoints."""
     tensors, missing = {}, []
     for name, dataset in models:
-        if not model_zoo.checkpoint_path(name, dataset).exists():
+        if not model_zoo.available(name, dataset):
             missing.append(f"{name}/{dataset}")
             continue
         model = model_zoo.load_pretrained(name, dataset)

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ... import data, evaluate, imagenet, models as model_zoo
+from ... import data, evaluate, models as model_zoo
 from ...nn.fold_bn import fold_bn
 from ...nn.layers import quantized_layers
 from ...results import cached
@@ -121,13 +121,7 @@ class PTQStudy:
     def available(self) -> tuple[list[str], list[str]]:
         """``(models with a committed FP checkpoint or given ImageNet weights, models without)`` of
         ``cfg["models"]``."""
-        def present(key):
-            model, dataset = key.split("/")
-            if dataset == "imagenet":
-                weights = imagenet.active()["weights"]
-                return (weights.get(model) if isinstance(weights, dict) else weights) is not None
-            return model_zoo.checkpoint_path(model, dataset).exists()
-        have = [k for k in self.cfg["models"] if present(k)]
+        have = [k for k in self.cfg["models"] if model_zoo.available(*k.split("/"))]
         return have, [k for k in self.cfg["models"] if k not in have]
 
     def seeds_for(self, key: str, a_bits, refine) -> list[int]:

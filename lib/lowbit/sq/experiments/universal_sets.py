@@ -61,10 +61,8 @@ def option_records(models, bits_list, options, test_size: int | None = None) -> 
     records = []
     for name, dataset in models:
         model = model_zoo.load_pretrained(name, dataset)
-        test = data.load_dataset(dataset, "test")
-        if test_size:
-            test = data.TensorImageDataset(test.images[:test_size], test.labels[:test_size], test.name, test.split)
-        sha = model_zoo.load_metadata(name, dataset).get("sha256", "")
+        test = data.head(data.load_dataset(dataset, "test"), test_size or None)
+        sha = model_zoo.weights_identity(name, dataset)
         fp_top1 = cached("sq_supp_fp_top1", {"model": name, "dataset": dataset, "sha": sha, "n": len(test)},
                          lambda: evaluate.accuracy(model, test))
         tag = f"{name}-{dataset}"
