@@ -93,6 +93,10 @@ def test_weights_errors_name_both_options(tmp_path, monkeypatch):
     torch.save(models.build("lenet5").state_dict(), wrong)
     with pytest.raises(ValueError, match="is not a resnet18 state dict"):
         models.load_pretrained("resnet18", "imagenet", weights=str(wrong))
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="is not a resnet18 state dict"):
+        models.load_pretrained("resnet18", "imagenet", weights=str(garbage))
     with pytest.raises(ValueError, match="unknown weights 'V9'"):
         models.load_pretrained("resnet18", "imagenet", weights="V9")
     with pytest.raises(ValueError, match="is for dataset='imagenet'"):

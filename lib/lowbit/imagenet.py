@@ -18,6 +18,7 @@ images per class for Q-Rater's objective (:data:`QRATER_PER_CLASS`), both drawn 
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -166,7 +167,7 @@ def loader(dataset: Dataset, batch_size: int, *, shuffle: bool = False, device=N
     if workers is None:
         workers = min(8, os.cpu_count() or 1)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
-                      pin_memory=dev.type == "cuda", persistent_workers=False,
+                      pin_memory=dev.type == "cuda",
                       generator=torch.Generator().manual_seed(seed))
 
 
@@ -208,7 +209,7 @@ def load(name: str, weights, device=None) -> nn.Module:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
             model.load_state_dict(state)
-        except (RuntimeError, KeyError, EOFError, ValueError) as err:
+        except (RuntimeError, KeyError, EOFError, ValueError, pickle.UnpicklingError) as err:
             raise ValueError(f"{path} is not a {name} state dict ({type(err).__name__}: {str(err)[:200]}): "
                              f"{_options(name)}") from err
         return model.to(dev).eval()
