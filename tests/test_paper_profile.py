@@ -129,3 +129,24 @@ def test_notebook_01_paper_path_runs_end_to_end(paper_inputs, tmp_path, monkeypa
     assert "2 searches" in _text(nb)
     table = (tmp_path / "outputs" / "figures" / "sq_supp_table2_options.csv").read_text().splitlines()
     assert len(table) == 3 and all(r.startswith("resnet18/imagenet,2,") for r in table[1:])
+
+
+def test_qat_command_line_trains_an_imagenet_network(paper_inputs, tmp_path, capsys, restore_imagenet_inputs):
+    """`python -m lowbit.lsq resnet18 imagenet --data-dir ... --weights ...` (what torchrun launches on a
+    GPU box): one epoch on the fake ImageNet, the quantized state dict saved, our errors for bad input."""
+    from lowbit.lsq import __main__ as cli
+
+    data_dir, state = paper_inputs
+    out = tmp_path / "r18.pt"
+    assert cli.main(["resnet18", "imagenet", "--data-dir", str(data_dir), "--weights", str(state), "--variant",
+                     "nuLSQ-A", "--bits", "4", "--epochs", "1", "--batch-size", "6", "--test-n", "3",
+                     "--no-augment", "--save", str(out), "--threads", "1"]) == 0
+    assert "resnet18/imagenet nuLSQ-A W/A 4/4: test top-1" in capsys.readouterr().out
+    saved = torch.load(out, weights_only=True)
+    assert any(k.endswith("input_quantizer.steps") and v.numel() == 15 for k, v in saved.items())  # 2^4 - 1 steps
+    with pytest.raises(SystemExit):
+        cli.main(["resnet20", "imagenet", "--data-dir", str(data_dir), "--weights", str(state)])
+    with pytest.raises(SystemExit):
+        cli.main(["resnet18", "mnist"])
+    with pytest.raises(FileNotFoundError, match="must hold train/ and val/"):
+        cli.main(["resnet18", "imagenet", "--data-dir", str(tmp_path), "--weights", str(state)])
