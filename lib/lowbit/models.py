@@ -19,8 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import imagenet
-from .paths import models_dir, project_root
 from .core.validation import resolve_device
+from .paths import models_dir, project_root
 from .results import sha256_file
 
 MODEL_NAMES = ("resnet20", "resnet32", "lenet5")
