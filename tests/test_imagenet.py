@@ -131,3 +131,10 @@ def test_cuda_without_a_gpu_is_our_error(tmp_path, imagenet_dir):
                  lambda: models.load_pretrained("lenet5", "mnist", device="cuda")):
         with pytest.raises(ValueError, match="no CUDA GPU"):
             call()
+
+
+def test_device_key_keeps_cpu_cache_keys():
+    from lowbit.core.validation import device_key
+
+    assert device_key(None) == device_key("cpu") == device_key(torch.device("cpu")) == {}
+    assert device_key("cuda:1") == {"device": "cuda:1"}

@@ -84,6 +84,12 @@ def check_choice(value, choices, what: str) -> str:
     return value
 
 
+def device_key(device) -> dict:
+    """``{"device": "cuda:0"}`` for a device other than the CPU, else ``{}``: what a cache key adds, so
+    a GPU run is cached apart from the CPU runs and the keys of CPU runs stay as they were."""
+    return {} if device is None or str(device) == "cpu" else {"device": str(device)}
+
+
 def resolve_device(device, default=None) -> torch.device:
     """``device`` as a ``torch.device`` (``None``: ``default``, else CPU); a ``ValueError`` when
     it names an accelerator this machine does not have (instead of torch's driver error)."""

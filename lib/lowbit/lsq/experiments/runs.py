@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ...core.validation import resolve_device
+from ...core.validation import device_key, resolve_device
 from ...data import calibration_subset, head, load_dataset
 from ...evaluate import accuracy, checkpoint_accuracy, evaluate
 from ...models import load_pretrained
@@ -85,7 +85,7 @@ def run_config(c: dict, variant: str, bits: int, seed: int) -> dict:
                 epochs=c["epochs"], train_n=c["train_n"], curve_n=c["curve_n"], test_n=c["test_n"],
                 batch_size=c["batch_size"],
                 lr=c["lr"], step_lr=c["step_lr"],
-                **({"device": str(c["device"])} if c.get("device") not in (None, "cpu") else {}))
+                **device_key(c.get("device")))
 
 
 def cached_run(c: dict, variant: str, bits: int, seed: int, progress: bool = True) -> dict:

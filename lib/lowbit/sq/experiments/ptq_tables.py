@@ -14,6 +14,7 @@ import pandas as pd
 import torch
 
 from ... import data, evaluate, models as model_zoo
+from ...core.validation import device_key
 from ...nn.fold_bn import fold_bn
 from ...nn.layers import quantized_layers
 from ...results import cached
@@ -85,8 +86,7 @@ def cached_run(model: str, dataset: str, method: str, w_bits: int, a_bits: int |
         config["refine_size"] = refine_size
     else:
         refine_size = None
-    if device is not None and str(device) != "cpu":
-        config["device"] = str(device)
+    config.update(device_key(device))
     return cached("sq_ptq_run", config, lambda: run_ptq(
         model, dataset, method, w_bits, a_bits=a_bits, refine=refine, seed=seed, calib_size=calib_size,
         test_size=test_size, universal=universal, refine_size=refine_size, device=device))
