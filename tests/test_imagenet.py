@@ -59,13 +59,13 @@ def test_missing_and_bad_imagenet_input(tmp_path, imagenet_dir):
 
 def test_calibration_subsets_are_seeded(imagenet_dir):
     train = data.load_dataset("imagenet", "train", data_dir=imagenet_dir)
-    a = imagenet.per_class_subset(train, 2, seed=3)
-    assert len(a) == 6 and a.indices == imagenet.per_class_subset(train, 2, seed=3).indices
+    a = data.per_class_subset(train, 2, seed=3)
+    assert len(a) == 6 and a.indices == data.per_class_subset(train, 2, seed=3).indices
     labels = [train.targets[i] for i in a.indices]
     assert sorted(labels) == [0, 0, 1, 1, 2, 2]  # Q-Rater's objective: the same count of every class
-    assert a.indices != imagenet.per_class_subset(train, 2, seed=4).indices
+    assert a.indices != data.per_class_subset(train, 2, seed=4).indices
     with pytest.raises(ValueError, match="fewer than per_class=5"):
-        imagenet.per_class_subset(train, 5)
+        data.per_class_subset(train, 5)
     calib = data.calibration_subset(train, 5, seed=1)  # SQ's 1024 images, here 5
     assert len(calib) == 5 and calib.indices == data.calibration_subset(train, 5, seed=1).indices
     assert imagenet.CALIBRATION_IMAGES == 1024 and imagenet.QRATER_PER_CLASS == 20
@@ -138,3 +138,22 @@ def test_device_key_keeps_cpu_cache_keys():
 
     assert device_key(None) == device_key("cpu") == device_key(torch.device("cpu")) == {}
     assert device_key("cuda:1") == {"device": "cuda:1"}
+
+
+def test_imagenet_cache_keys_name_the_weights_and_folder(imagenet_dir, tmp_path):
+    from lowbit import models
+
+    before = imagenet.active()
+    try:
+        assert models.imagenet_key("lenet5", "mnist") == {}  # committed checkpoints: keys as they were
+        torch.manual_seed(0)
+        state = tmp_path / "r18.pth"
+        torch.save(imagenet.build("resnet18").state_dict(), state)
+        imagenet.use(imagenet_dir, {"resnet18": str(state)})
+        key = models.imagenet_key("resnet18", "imagenet")
+        assert key["imagenet_weights"] == imagenet.weights_identity("resnet18") and len(key["imagenet_weights"]) == 64
+        assert key["imagenet_data"] == str(imagenet_dir.resolve())
+        torch.save({k: v + 1 for k, v in torch.load(state).items()}, state)  # other weights, same path
+        assert models.imagenet_key("resnet18", "imagenet") != key
+    finally:
+        imagenet.use(**before)

@@ -150,3 +150,37 @@ def test_qat_command_line_trains_an_imagenet_network(paper_inputs, tmp_path, cap
         cli.main(["resnet18", "mnist"])
     with pytest.raises(FileNotFoundError, match="must hold train/ and val/"):
         cli.main(["resnet18", "imagenet", "--data-dir", str(tmp_path), "--weights", str(state)])
+
+
+def test_notebook_04_paper_path_runs_end_to_end(paper_inputs, tmp_path, monkeypatch):
+    """SQ's Fig. 4 datapath with torchvision ResNet-18 on the MAC, checked on ImageNet images, tiny knobs."""
+    data_dir, state = paper_inputs
+    nb = _papermill("04-hardware-mac-and-cost", tmp_path / "04.ipynb",
+                    {"profile": "paper", "data_dir": str(data_dir), "weights": {"resnet18": str(state)},
+                     "weight_bits": 2, "n_val": 2, "n_calib": 4}, tmp_path, monkeypatch)
+    text = _text(nb)
+    assert f"torchvision resnet18, weights {state}: 21 layers on the MAC" in text  # 20 convs + fc
+    assert "same prediction (integer MAC vs fake-quant float): 2 / 2" in text
+    exact = (tmp_path / "outputs" / "figures" / "sq_hw_layer_exactness.csv").read_text().splitlines()
+    assert len(exact) == 1 + 21 and all(",True," in r for r in exact[1:])
+    assert "LeNet-5 check skipped" in text
+
+
+def test_notebook_05_paper_path_runs_end_to_end(paper_inputs, tmp_path, monkeypatch):
+    """Q-Rater Tables 1-2 and its figures on torchvision ResNet-18 with an ImageNet objective subset,
+    tiny knobs (two layers, a coarse grid, one image per class)."""
+    data_dir, state = paper_inputs
+    nb = _papermill("05-qrater", tmp_path / "05.ipynb",
+                    {"profile": "paper", "data_dir": str(data_dir), "weights": {"resnet18": str(state)},
+                     "paper_bits": [4], "paper_fig_bits": 4, "paper_per_class": 1, "paper_grid": "coarse",
+                     "n_val": 3, "paper_layers": [1, 20]}, tmp_path, monkeypatch)
+    text = _text(nb)
+    assert "Q-Rater's ImageNet protocol, Q-Rater Table 1: resnet18 on imagenet" in text
+    assert "objective on 1 training images per class" in text and "on 3 test images" in text
+    table1 = (tmp_path / "outputs" / "figures" / "qrater_table1.csv").read_text().splitlines()
+    assert table1[0].startswith("W/A,FP,MSE,ACIQ,KL") and table1[1].startswith("4/4,") and len(table1) == 2
+    table2 = (tmp_path / "outputs" / "figures" / "qrater_table2.csv").read_text().splitlines()
+    assert len(table2) == 2 and "Q-Rater BO" in table2[0]
+    assert "ResNet-20 section skipped" in text
+    for fig in ("qrater_fig6_rounding", "qrater_fig7_clipping", "qrater_fig8_bias_correction"):
+        assert (tmp_path / "outputs" / "figures" / f"{fig}.png").exists()

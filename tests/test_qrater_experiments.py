@@ -156,3 +156,20 @@ def test_balanced_subset_draws_per_class_seeded():
         ex.balanced_subset(data, per_class=6)  # class 0 has only 5
     with pytest.raises(ValueError):
         ex.balanced_subset(data, per_class=0)
+
+
+def test_search_grids_and_all_but_first_layers():
+    paper = qrater.search_grids("paper")
+    assert len(paper["clip_grid"]) == 10 and len(paper["gamma_n_grid"]) == 21 and paper["gamma_s_grid"] == [
+        0.0, 0.25, 0.5, 0.75, 1.0] and paper["bo_steps"] == 50  # sec. 5.4 and sec. 6
+    coarse = qrater.search_grids("coarse")
+    assert len(coarse["clip_grid"]) < 10 and coarse["bo_steps"] < 50
+    with pytest.raises(ValueError, match="grid"):
+        qrater.search_grids("fine")
+    from lowbit.qrater.algorithm import select_layers
+
+    order = ["conv1", "a", "b", "fc"]
+    assert select_layers(order, qrater.ALL_BUT_FIRST) == ["a", "b", "fc"]
+    assert qrater.QRaterConfig(4, 4, layers=qrater.ALL_BUT_FIRST).layers == qrater.ALL_BUT_FIRST
+    with pytest.raises(ValueError, match="all-but-first"):
+        qrater.QRaterConfig(4, 4, layers="all-but-last")

@@ -208,6 +208,34 @@ def calibration_subset(dataset: Dataset, n: int, seed: int = 0) -> Dataset:
     return torch.utils.data.Subset(dataset, idx.tolist())
 
 
+def per_class_subset(dataset: Dataset, per_class: int, seed: int = 0) -> Dataset:
+    """``per_class`` seeded random samples of every class, drawn without replacement, in index order
+    (Q-Rater's objective: 20 images per class of the training set, its appendix D): an in-memory
+    :class:`TensorImageDataset` of one, a ``Subset`` of any other with per-sample ``targets`` (an
+    ``ImageFolder``). A class with fewer samples is a ``ValueError``."""
+    if isinstance(per_class, bool) or not isinstance(per_class, (int, np.integer)) or per_class < 1:
+        raise ValueError(f"per_class must be a positive int, got {per_class!r}")
+    in_memory = isinstance(dataset, TensorImageDataset)
+    targets = dataset.labels.numpy() if in_memory else getattr(dataset, "targets", None)
+    if targets is None or len(targets) != len(dataset):
+        raise TypeError("per_class_subset needs an in-memory data set or one with per-sample `targets` "
+                        "(an ImageFolder)")
+    targets = np.asarray(targets)
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for c in np.unique(targets):
+        where = np.flatnonzero(targets == c)
+        if len(where) < per_class:
+            raise ValueError(f"class {int(c)} has only {len(where)} images, fewer than per_class={per_class}")
+        chosen.append(rng.choice(where, size=per_class, replace=False))
+    idx = np.sort(np.concatenate(chosen))
+    if not in_memory:
+        return torch.utils.data.Subset(dataset, idx.tolist())
+    idx = torch.from_numpy(idx)
+    return TensorImageDataset(dataset.images[idx], dataset.labels[idx], dataset.name,
+                              f"{dataset.split}[{per_class}/class s{seed}]")
+
+
 def head(dataset: Dataset, n: int | None) -> Dataset:
     """The first ``n`` samples of a data set (all of it if ``n`` is ``None`` or larger): an in-memory
     slice of a :class:`TensorImageDataset`, a ``Subset`` of any other (an ImageFolder)."""

@@ -140,25 +140,6 @@ def image_folder(data_dir, split: str, size: int = 224):
     return ImageFolder(str(root), transform=tf)
 
 
-def per_class_subset(dataset, per_class: int, seed: int = 0) -> Subset:
-    """``per_class`` samples of every class of an ``ImageFolder`` (its ``targets``), drawn seeded
-    without replacement (Q-Rater's objective: 20 per class); a class with fewer is an error."""
-    if isinstance(per_class, bool) or not isinstance(per_class, (int, np.integer)) or per_class < 1:
-        raise ValueError(f"per_class must be a positive int, got {per_class!r}")
-    targets = getattr(dataset, "targets", None)
-    if targets is None or len(targets) != len(dataset):
-        raise TypeError("per_class_subset needs a data set with per-sample `targets` (an ImageFolder)")
-    targets = np.asarray(targets)
-    rng = np.random.default_rng(seed)
-    chosen = []
-    for c in np.unique(targets):
-        idx = np.flatnonzero(targets == c)
-        if len(idx) < per_class:
-            raise ValueError(f"class {int(c)} has {len(idx)} images, fewer than per_class={per_class}")
-        chosen.append(rng.choice(idx, size=per_class, replace=False))
-    return Subset(dataset, np.sort(np.concatenate(chosen)).tolist())
-
-
 def loader(dataset: Dataset, batch_size: int, *, shuffle: bool = False, device=None, workers: int | None = None,
            seed: int = 0) -> DataLoader:
     """A ``DataLoader`` with worker processes (default: up to 8, one per CPU) and pinned memory

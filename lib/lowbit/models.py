@@ -14,6 +14,8 @@ import json
 import shlex
 import subprocess
 
+from pathlib import Path
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -207,6 +209,17 @@ def weights_identity(name: str, dataset: str) -> str:
     if dataset == "imagenet":
         return imagenet.weights_identity(name)
     return load_metadata(name, dataset).get("sha256", "")
+
+
+def imagenet_key(name: str, dataset: str) -> dict:
+    """What a cached result of an ImageNet network adds to its cache key: the weights' identity
+    (:func:`weights_identity`) and this process's ImageNet folder; ``{}`` for our committed
+    checkpoints, whose cache keys predate it (so their committed records keep being found)."""
+    if dataset != "imagenet":
+        return {}
+    folder = imagenet.active()["data_dir"]
+    return {"imagenet_weights": weights_identity(name, dataset),
+            "imagenet_data": None if folder is None else str(Path(folder).expanduser().resolve())}
 
 
 def load_metadata(name: str, dataset: str) -> dict:

@@ -36,15 +36,15 @@ import importlib
 from ..core.clipping import CLIP_RULES, aciq_coefficient, baseline_threshold  # noqa: F401
 from .algorithm import (QRaterResult, QRaterState, act_quant, apply, bias_corr, incremental_accuracy,  # noqa: F401
                         run, weight_quant)
-from .config import (BIAS_MODES, OBJECTIVES, OPS, PAPER_BO_STEPS, PAPER_CLIP_GRID, PAPER_GAMMA_N_GRID,  # noqa: F401
-                     PAPER_GAMMA_S_GRID, SEARCHES, TARGETS, QRaterConfig)
+from .config import (ALL_BUT_FIRST, BIAS_MODES, GRIDS, OBJECTIVES, OPS, PAPER_BO_STEPS, PAPER_CLIP_GRID,  # noqa: F401
+                     PAPER_GAMMA_N_GRID, PAPER_GAMMA_S_GRID, SEARCHES, TARGETS, QRaterConfig, search_grids)
 from .rounding import (ActRounding, clip_round_activation, clip_round_weight, clip_threshold,  # noqa: F401
                        range_division, round_values, round_values_reference)
 from .search import GAMMA_C_BOUNDS, bayes_search, best_probe  # noqa: F401
 
 # notebook 05's experiments (a higher layer than the algorithm): reachable as lowbit.qrater.<name>,
 # imported on first use so that the paper layer does not import its experiments at import time
-_EXPERIMENTS = ("TABLE1_VARIANTS", "balanced_subset", "bo_claims", "cached_experiment", "claim_lines", "experiment",
+_EXPERIMENTS = ("PAPER_RESNET18_TABLE1", "PAPER_RESNET18_TABLE2", "TABLE1_VARIANTS", "balanced_subset", "bo_claims", "cached_experiment", "claim_lines", "experiment",
                 "experiment_curve", "figure6_runs", "figure7_runs", "figure8_runs", "figure_claims", "sweep",
                 "table1_claims", "table1_rows", "table1_runs", "table2_rows")
 

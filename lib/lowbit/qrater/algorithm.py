@@ -34,7 +34,7 @@ from ..data import as_tensors
 from ..evaluate import accuracy
 from ..nn.calibration import check_inputs
 from ..nn.graph import QUANTIZABLE, model_device
-from .config import OPTION_NAMES, QRaterConfig
+from .config import ALL_BUT_FIRST, OPTION_NAMES, QRaterConfig
 from .rounding import ActRounding, clip_round_weight
 from .search import GAMMA_C_BOUNDS, clip_space, round_space, search_params
 from .state import PrefixRunner, QuantizedCopy, channel_mean
@@ -101,9 +101,13 @@ def calibration_pair(model: nn.Module, calib) -> tuple[torch.Tensor, torch.Tenso
 
 
 def select_layers(order: list[str], layers) -> list[str]:
-    """The layers to quantize (indices or names from ``order``), in forward order; all for ``None``."""
+    """The layers to quantize (indices or names from ``order``), in forward order; all for ``None``,
+    every one but the first for ``"all-but-first"`` (the paper quantizes "from the second layer to
+    the last one", sec. 5.1)."""
     if layers is None:
         return list(order)
+    if layers == ALL_BUT_FIRST:
+        return list(order[1:])
     chosen = []
     for item in layers:
         if isinstance(item, (int, np.integer)) and not isinstance(item, bool):

@@ -23,12 +23,28 @@ SEARCHES = ("grid", "bo")
 BIAS_MODES = ("never", "always", "selective")
 TARGETS = ("weight", "activation")
 OBJECTIVES = ("accuracy", "loss")
+ALL_BUT_FIRST = "all-but-first"  # ``layers``: every quantizable layer after the first
 
 PAPER_CLIP_GRID = tuple(round(0.1 * i, 10) for i in range(1, 11))
 PAPER_GAMMA_N_GRID = tuple(round(-1.0 + 0.1 * i, 10) for i in range(21))
 PAPER_GAMMA_S_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
 PAPER_BO_STEPS = 50  # sec. 6: "BO explores additional 50 hyper-parameter sets"
 CE_TIE_BREAK = 1e-3  # target = accuracy % - 1e-3 * cross-entropy (200 images give 0.5 % steps)
+
+
+GRIDS = ("paper", "coarse")
+
+
+def search_grids(name: str = "paper") -> dict:
+    """The ``clip_grid``, ``gamma_n_grid``, ``gamma_s_grid`` and ``bo_steps`` of a search: ``"paper"``,
+    the paper's resolutions (sec. 5.4: ``gamma_c`` and ``gamma_n`` by 0.1, ``gamma_s`` by 0.25) and 50
+    BO probes (sec. 6); ``"coarse"``, two to three values per parameter and 2 BO probes (a quick check
+    of a pipeline, not a result)."""
+    check_choice(name, GRIDS, "grid")
+    if name == "paper":
+        return dict(clip_grid=list(PAPER_CLIP_GRID), gamma_n_grid=list(PAPER_GAMMA_N_GRID),
+                    gamma_s_grid=list(PAPER_GAMMA_S_GRID), bo_steps=PAPER_BO_STEPS)
+    return dict(clip_grid=[0.5, 1.0], gamma_n_grid=[-0.5, 0.0, 0.5], gamma_s_grid=[0.5], bo_steps=2)
 
 
 def _positive_int(value, what: str) -> int:
@@ -49,7 +65,8 @@ class QRaterConfig:
     2: eq. 6). ``bias_mode``: ``"selective"`` (Algorithm 1's ``BiasCorr``), ``"always"`` or
     ``"never"``; ``None`` means selective if ``"bias"`` is in ``ops``, else never. ``targets``:
     which tensors get the clip/round search (the other keeps baseline + RTN). ``layers``: indices
-    or names of the quantizable layers to quantize (all if ``None``). ``objective``: top-1
+    or names of the quantizable layers to quantize (all if ``None``, every one after the first for
+    ``"all-but-first"``). ``objective``: top-1
     accuracy on the calibration set, ties broken by lower cross-entropy, or ``"loss"`` (minus the
     cross-entropy). ``batch_size``: calibration batch of each forward pass; ``stat_batch``: the
     batch over which ``max|x|`` of an activation is taken (then averaged). ``device``: where the
@@ -105,7 +122,10 @@ class QRaterConfig:
                 check_gamma(g, lo, hi, f"{name} value", open_lo=open_lo)
         if isinstance(self.bo_steps, bool) or not isinstance(self.bo_steps, (int, np.integer)) or self.bo_steps < 0:
             raise ValueError(f"bo_steps must be a non-negative int, got {self.bo_steps!r}")
-        if self.layers is not None:
+        if isinstance(self.layers, str) and self.layers != ALL_BUT_FIRST:
+            raise ValueError(f"layers must be None, {ALL_BUT_FIRST!r} or a list of layer indices / names, "
+                             f"got {self.layers!r}")
+        if self.layers is not None and self.layers != ALL_BUT_FIRST:
             put("layers", tuple(self.layers))
         _positive_int(self.batch_size, "batch_size")
         _positive_int(self.stat_batch, "stat_batch")

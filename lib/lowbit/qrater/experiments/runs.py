@@ -19,9 +19,10 @@ import time
 import numpy as np
 import torch
 
-from ...data import TensorImageDataset, as_tensors, head, load_dataset
+from ...data import as_tensors, head, load_dataset, per_class_subset
+from ...core.validation import device_key
 from ...evaluate import accuracy, checkpoint_accuracy
-from ...models import load_pretrained
+from ...models import imagenet_key, load_pretrained
 from ...results import cached, config_key
 from ..algorithm import incremental_accuracy, run
 
@@ -37,27 +38,23 @@ TABLE1_VARIANTS = {
     "(1)+(2)+(3)": {"ops": ("clip", "round", "bias")},
 }
 BASELINES = ("MSE", "ACIQ", "KL")
+# the paper's ResNet-18/ImageNet rows, quoted in the paper profile's table notes
+PAPER_RESNET18_TABLE1 = ("Paper ResNet-18/ImageNet (FP 69.69), MSE / ACIQ / KL / (1) / (2) / (3) / (1)+(2) / "
+                         "(1)+(2)+(3): 8/8 69.25 / 68.15 / 68.39 / 69.27 / 69.35 / 69.50 / 69.33 / 69.43; 6/6 66.75 / "
+                         "59.78 / 65.64 / 67.34 / 67.91 / 67.42 / 67.95 / 68.46; 4/4 32.16 / 2.10 / 11.27 / 45.18 / "
+                         "52.59 / 51.59 / 54.87 / 59.17.")
+PAPER_RESNET18_TABLE2 = ("Paper ResNet-18/ImageNet grid vs BO: 8/8 69.43 vs 69.67, 6/6 68.46 vs 68.60, "
+                         "4/4 59.17 vs 60.77.")
 COMBINED = "(1)+(2)+(3)"
 
 
-def balanced_subset(dataset, per_class: int = 20, seed: int = 0) -> TensorImageDataset:
-    """``per_class`` seeded random images of every class (the paper's 20 per class, appendix D) (API)."""
-    if isinstance(per_class, bool) or not isinstance(per_class, (int, np.integer)) or per_class < 1:
-        raise ValueError(f"per_class must be a positive int, got {per_class!r}")
-    images, labels = as_tensors(dataset)
-    rng = np.random.default_rng(seed)
-    idx = []
-    for c in sorted(set(labels.tolist())):
-        where = np.flatnonzero(labels.numpy() == c)
-        if len(where) < per_class:
-            raise ValueError(f"class {c} has only {len(where)} images, fewer than per_class={per_class}")
-        idx += sorted(rng.choice(where, size=per_class, replace=False).tolist())
-    idx = torch.as_tensor(sorted(idx))
-    return TensorImageDataset(images[idx], labels[idx], getattr(dataset, "name", ""),
-                              f"{getattr(dataset, 'split', '')}[{per_class}/class s{seed}]")
+def balanced_subset(dataset, per_class: int = 20, seed: int = 0):
+    """Q-Rater's objective subset: ``per_class`` seeded random images of every class (the paper's 20
+    per class, appendix D), :func:`lowbit.data.per_class_subset` (API)."""
+    return per_class_subset(dataset, per_class, seed)
 
 
-def first_test_images(dataset: str, test_n: int | None) -> TensorImageDataset:
+def first_test_images(dataset: str, test_n: int | None):
     """The test split of ``dataset``, cut to its first ``test_n`` images (all if ``None``)."""
     return head(load_dataset(dataset, "test"), test_n)
 
@@ -74,7 +71,7 @@ def experiment(model_name: str, dataset: str, w_bits: int | None, a_bits: int | 
     """
     t0 = time.time()
     model = load_pretrained(model_name, dataset)
-    calib = balanced_subset(load_dataset(dataset, "train"), per_class, seed)
+    calib = as_tensors(balanced_subset(load_dataset(dataset, "train"), per_class, seed))  # in memory: every probe
     test = first_test_images(dataset, test_n)
     res = run(model, w_bits, a_bits, calib, seed=seed, **run_kwargs)
     out = {
@@ -85,7 +82,7 @@ def experiment(model_name: str, dataset: str, w_bits: int | None, a_bits: int | 
         "calib_accuracy": res.layers[-1]["calib_accuracy"] if res.layers else res.fp_objective["accuracy"],
     }
     if curve:
-        out["curve"] = incremental_accuracy(model, res.layers, test, example=calib.images[:2])
+        out["curve"] = incremental_accuracy(model, res.layers, test, example=calib[0][:2])
     out["seconds"] = time.time() - t0
     return out
 
@@ -103,7 +100,7 @@ def experiment_curve(model_name: str, dataset: str, layers: list[dict], *, test_
     model = load_pretrained(model_name, dataset)
     test = first_test_images(dataset, test_n)
     counts = list(range(len(layers) + 1)) if counts is None else [int(k) for k in counts]
-    acc = incremental_accuracy(model, layers, test, example=test.images[:2], counts=counts)
+    acc = incremental_accuracy(model, layers, test, example=as_tensors(head(test, 2))[0], counts=counts)
     return {"counts": counts, "accuracy": acc, "test_n": len(test), "seconds": time.time() - t0}
 
 
@@ -111,7 +108,7 @@ def run_config(c: dict, bits: int, variant: str | None = None, search: str = "gr
                **extra) -> dict:
     """The keyword arguments of :func:`experiment` (and the cache key) for profile ``c`` at W/A
     ``bits``/``bits``, Table 1 column ``variant`` (``None``: Q-Rater's defaults) and ``extra``
-    options of :func:`run`."""
+    options of :func:`run`; ``c["device"]`` other than the CPU is part of it."""
     if variant is not None and variant not in TABLE1_VARIANTS:
         raise ValueError(f"unknown Table 1 variant {variant!r}: use one of {list(TABLE1_VARIANTS)}")
     kw = dict(TABLE1_VARIANTS[variant]) if variant else {}
@@ -119,7 +116,8 @@ def run_config(c: dict, bits: int, variant: str | None = None, search: str = "gr
     return dict(model_name=c["model"], dataset=c["dataset"], w_bits=bits, a_bits=bits, search=search,
                 per_class=c["per_class"], test_n=c["test_n"], curve=bits in c.get("curve_bits", []), seed=seed,
                 layers=c["layers"], clip_grid=c["clip_grid"], gamma_n_grid=c["gamma_n_grid"],
-                gamma_s_grid=c["gamma_s_grid"], bo_steps=c["bo_steps"], **kw)
+                gamma_s_grid=c["gamma_s_grid"], bo_steps=c["bo_steps"], **kw,
+                **device_key(c.get("device")))
 
 
 def cached_experiment(c: dict, bits: int, variant: str | None = None, search: str = "grid", *, seed: int = 0,
@@ -132,9 +130,10 @@ def cached_experiment(c: dict, bits: int, variant: str | None = None, search: st
     ``curve_counts`` and ``curve_n`` to the record.
     """
     config = run_config(c, bits, variant, search, seed, **extra)
-    r = cached("qrater_run", config, lambda: experiment(**config))
+    key = dict(config, **imagenet_key(c["model"], c["dataset"]))
+    r = cached("qrater_run", key, lambda: experiment(**config))
     if with_curve and "curve" not in r and c.get("curve_n"):
-        cconf = dict(run=config_key(config), test_n=c["curve_n"], counts=c["curve_counts"])
+        cconf = dict(run=config_key(key), test_n=c["curve_n"], counts=c["curve_counts"])
         cur = cached("qrater_curve", cconf, lambda: experiment_curve(
             c["model"], c["dataset"], r["layers"], test_n=c["curve_n"], counts=c["curve_counts"]))
         r = dict(r, curve=cur["accuracy"], curve_counts=cur["counts"], curve_n=cur["test_n"])

@@ -10,9 +10,22 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ... import models as model_zoo
+from ... import imagenet, models as model_zoo
 from ..hw import network
 from ..universal import universal_set
+
+
+def study_network(name: str, dataset: str) -> tuple[torch.nn.Module, str, str]:
+    """``(FP model, where its weights come from, their identity for cache keys)`` of the network put on
+    the MAC: the committed checkpoint (or, for ``dataset="imagenet"``, torchvision's ``name`` with this
+    process's ImageNet weights, :func:`lowbit.imagenet.use`); a network without a checkpoint is built
+    with random weights and says so."""
+    if model_zoo.available(name, dataset):
+        source = (f"torchvision {name}, weights {imagenet.weights_for(name)}" if dataset == "imagenet"
+                  else model_zoo.checkpoint_path(name, dataset).name)
+        return (model_zoo.load_pretrained(name, dataset).eval(), source,
+                model_zoo.weights_identity(name, dataset))
+    return model_zoo.build(name).eval(), f"{name} random init (no checkpoint)", "random-init-seed0"
 
 
 @torch.no_grad()

@@ -75,7 +75,7 @@ def cached_run(model: str, dataset: str, method: str, w_bits: int, a_bits: int |
 
     Weight-only PTQ without refinement uses no calibration data, so its result does not depend
     on ``seed``/``calib_size``: they are left out of its cache key (one run serves every seed).
-    A ``device`` other than the CPU is part of the key.
+    A ``device`` other than the CPU, and an ImageNet network's weights and folder, are part of the key.
     """
     uses_calib = a_bits is not None or bool(refine)
     config = dict(model=model, dataset=dataset, method=method, w_bits=w_bits, a_bits=a_bits,
@@ -86,7 +86,7 @@ def cached_run(model: str, dataset: str, method: str, w_bits: int, a_bits: int |
         config["refine_size"] = refine_size
     else:
         refine_size = None
-    config.update(device_key(device))
+    config.update(device_key(device), **model_zoo.imagenet_key(model, dataset))
     return cached("sq_ptq_run", config, lambda: run_ptq(
         model, dataset, method, w_bits, a_bits=a_bits, refine=refine, seed=seed, calib_size=calib_size,
         test_size=test_size, universal=universal, refine_size=refine_size, device=device))
