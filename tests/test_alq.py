@@ -8,7 +8,8 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from lowbit.alq import (R1Penalty, STLQWeight, finetune, fit_stlq_scale, in_two_word_set, log_points, log_quantize, nzr,
-                        prepare_stlq, r1_penalty, select_second_words, set_deploy, stlq_quantize,
+                        prepare_stlq, r1_penalty, select_second_words,
+                        select_second_words_reference, set_deploy, stlq_quantize,
                         stlq_quantize_reference, two_word_log_points)
 from lowbit.lsq import LSQQuantizer, qat_layers, train_qat
 
@@ -92,6 +93,22 @@ def test_select_ratio_zero_and_one_are_one_and_two_word_log():
 def test_ties_in_the_selection_go_to_the_lower_index():
     e = torch.tensor([[1.0, 2.0, 2.0, 2.0, 0.5]])
     assert select_second_words(e, 0.4).tolist() == [[False, True, True, False, False]]
+
+
+@pytest.mark.parametrize("tile", [None, 4])
+def test_fast_selection_is_the_stable_sort(tile):
+    """kthvalue + first ties by index == the first k of a stable descending sort, for every k, on
+    values with many ties (small integers, +-0.0) and on continuous ones."""
+    g = torch.Generator().manual_seed(3)
+    sign = torch.where(torch.rand(6, 16, generator=g) < 0.3, -1.0, 1.0).double()
+    tied = torch.randint(0, 4, (6, 16), generator=g).double() * sign  # 0 * -1 = -0.0: both zeros occur
+    assert (tied == 0).any() and torch.signbit(tied[tied == 0]).any()
+    smooth = torch.rand(6, 16, generator=g, dtype=torch.float64)
+    for e in (tied, smooth):
+        units = e.numel() if tile is None else e.numel() // tile
+        for k in range(units + 1):
+            r = k / units
+            assert torch.equal(select_second_words(e, r, tile), select_second_words_reference(e, r, tile)), (k, tile)
 
 
 def test_per_channel_scale_and_fit():

@@ -3,6 +3,7 @@ ImageNet folder with a locally saved torchvision state dict (random init), and t
 paper run that lacks its inputs."""
 import json
 import os
+import shlex
 
 import pytest
 import torch
@@ -184,3 +185,48 @@ def test_notebook_05_paper_path_runs_end_to_end(paper_inputs, tmp_path, monkeypa
     assert "ResNet-20 section skipped" in text
     for fig in ("qrater_fig6_rounding", "qrater_fig7_clipping", "qrater_fig8_bias_correction"):
         assert (tmp_path / "outputs" / "figures" / f"{fig}.png").exists()
+
+
+def test_notebook_06_paper_path_runs_end_to_end(paper_inputs, tmp_path, monkeypatch):
+    """LSQ and the three nuLSQ variants fine-tuned from torchvision ResNet-18 on the fake ImageNet (one
+    epoch over 6 images, one seed, W/A 4/4), and the torchrun line of each run for several GPUs."""
+    data_dir, state = paper_inputs
+    nb = _papermill("06-nulsq-training", tmp_path / "06.ipynb",
+                    {"profile": "paper", "data_dir": str(data_dir), "weights": {"resnet18": str(state)},
+                     "seeds": [0], "bits": [4], "paper_epochs": 1, "paper_train_n": 6, "n_val": 3, "nproc": 2},
+                    tmp_path, monkeypatch)
+    text = _text(nb)
+    assert "nuLSQ vs LSQ on ImageNet (our protocol" in text and "CIFAR-100 ResNet-20 table: resnet18" not in text
+    table = (tmp_path / "outputs" / "figures" / "nulsq_table_resnet18.csv").read_text().splitlines()
+    assert table[0] == "method,4/4" and [r.split(",")[0] for r in table[1:]] == ["LSQ", "nuLSQ-A", "nuLSQ-W",
+                                                                                 "nuLSQ-WA", "FP"]
+    lines = [ln for ln in text.splitlines() if ln.startswith(".venv/bin/torchrun --standalone --nproc_per_node=2")]
+    assert len(lines) == 4 and all(f"--data-dir {data_dir} --weights {state} --device cuda" in ln for ln in lines)
+    assert all("--batch-size 128" in ln and "--train-n 6 --test-n 3" in ln for ln in lines)  # 256 / 2 per process
+    from lowbit.lsq.__main__ import build_parser
+
+    parsed = [build_parser().parse_args(shlex.split(ln)[shlex.split(ln).index("lowbit.lsq") + 1:]) for ln in lines]
+    assert [(a.model, a.dataset, a.variant, a.bits, a.epochs, a.lr, a.step_lr) for a in parsed] == [
+        ("resnet18", "imagenet", v, 4, 1, 0.01, 1e-4) for v in ("LSQ", "nuLSQ-A", "nuLSQ-W", "nuLSQ-WA")]
+    assert "LeNet-5 / MNIST: skipped at the paper profile" in text
+    levels = (tmp_path / "outputs" / "figures" / "nulsq_learned_levels_resnet18.png")
+    assert levels.exists() and not (ROOT / "figures" / "nulsq_table_resnet18.csv").exists()
+
+
+@SLOW
+def test_notebook_07_paper_path_runs_end_to_end(paper_inputs, tmp_path, monkeypatch):
+    """STLQ on torchvision ResNet-18 with the fake ImageNet: the three fine-tuning runs of one select ratio
+    (with and without the select tensor, per tile), STLQ without training and the integer shift MAC, tiny
+    knobs (about 400 s on 2 cores: every STLQ initialisation fits ResNet-18's scales on a 46-point grid)."""
+    data_dir, state = paper_inputs
+    nb = _papermill("07-alq-stlq", tmp_path / "07.ipynb",
+                    {"profile": "paper", "data_dir": str(data_dir), "weights": {"resnet18": str(state)},
+                     "seeds": [0], "bits": [5], "paper_epochs": 1, "paper_train_n": 6, "n_val": 3,
+                     "ptq_ratios": [0.15], "paper_ratios": [0.15], "paper_check_images": 2}, tmp_path, monkeypatch)
+    text = _text(nb)
+    assert "ALQ supplement's final numbers on ImageNet" in text and "CPU-scale analogue" not in text
+    assert "19 STLQ layers, integer accumulators exact in every layer: True" in text
+    final = (tmp_path / "outputs" / "figures" / "alq_final_top1_paper.csv").read_text().splitlines()
+    assert len(final) == 1 + 3 and all(r.startswith("5/5,") for r in final[1:])
+    ptq = (tmp_path / "outputs" / "figures" / "alq_ptq_paper.csv").read_text().splitlines()
+    assert len(ptq) == 1 + 2 and all(r.endswith(",3") for r in ptq[1:])  # per element and per tile, 3 val images

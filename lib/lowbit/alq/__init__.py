@@ -16,11 +16,12 @@ from .finetune import CurveRecorder, finetune
 from .hw import (STLQWords, decode_stlq, encode_stlq, integer_weights, stlq_mac_conv2d, stlq_mac_conv2d_reference,
                  stlq_mac_cost, stlq_mac_linear, stlq_mac_linear_reference, stlq_product, two_cycle_fraction)
 from .modules import R1Penalty, STLQWeight, nzr, prepare_stlq, r1_penalty, set_deploy, stlq_weights
-from .quantizers import (STLQResult, fit_stlq_scale, in_two_word_set, log_points, log_quantize, select_second_words, stlq_quantize,
+from .quantizers import (STLQResult, fit_stlq_scale, in_two_word_set, log_points, log_quantize, select_second_words,
+                         select_second_words_reference, stlq_quantize,
                          stlq_quantize_reference, two_word_log_points)
 
 __all__ = ["CurveRecorder", "R1Penalty", "STLQResult", "STLQWeight", "STLQWords", "decode_stlq", "encode_stlq",
            "finetune", "fit_stlq_scale", "in_two_word_set", "integer_weights", "log_points", "log_quantize", "nzr", "prepare_stlq",
-           "r1_penalty", "select_second_words", "set_deploy", "stlq_mac_conv2d", "stlq_mac_conv2d_reference",
+           "r1_penalty", "select_second_words", "select_second_words_reference", "set_deploy", "stlq_mac_conv2d", "stlq_mac_conv2d_reference",
            "stlq_mac_cost", "stlq_mac_linear", "stlq_mac_linear_reference", "stlq_product", "stlq_quantize",
            "stlq_quantize_reference", "stlq_weights", "two_cycle_fraction", "two_word_log_points"]

@@ -112,22 +112,49 @@ def log_quantize(x: torch.Tensor, scale, bits: int) -> torch.Tensor:
     return quantize_to_points(x, log_points(bits), s if s.ndim else float(s), dim=0)
 
 
-def select_second_words(scaled_error: torch.Tensor, select_ratio: float, tile: int | None = None) -> torch.Tensor:
-    """The select tensor (bool, ``scaled_error``'s shape): exact top-k of ``scaled_error`` (per
-    element, or per tile of ``tile`` consecutive weights along the input dimension, ranked by their
-    sum); a stable sort, so ties go to the lower flat index."""
+def _selection_units(scaled_error: torch.Tensor, select_ratio: float, tile: int | None):
     select_ratio = check_select_ratio(select_ratio)
     tile = check_tile(tile, scaled_error)
     e = scaled_error.detach()
     units = e.reshape(-1) if tile is None else e.reshape(e.shape[0], -1, tile).sum(-1).reshape(-1)
-    k = int(round(select_ratio * units.numel()))
-    chosen = torch.zeros(units.numel(), dtype=torch.bool, device=e.device)
-    if k:
-        order = torch.sort(units, descending=True, stable=True).indices
-        chosen[order[:k]] = True
+    return e, units, int(round(select_ratio * units.numel())), tile
+
+
+def _expand_selection(chosen: torch.Tensor, e: torch.Tensor, tile: int | None) -> torch.Tensor:
     if tile is None:
         return chosen.reshape(e.shape)
     return chosen.reshape(e.shape[0], -1, 1).expand(-1, -1, tile).reshape(e.shape)
+
+
+def select_second_words(scaled_error: torch.Tensor, select_ratio: float, tile: int | None = None) -> torch.Tensor:
+    """The select tensor (bool, ``scaled_error``'s shape): exact top-k of ``scaled_error`` (per
+    element, or per tile of ``tile`` consecutive weights along the input dimension, ranked by their
+    sum), ties to the lower flat index. Fast path of :func:`select_second_words_reference` (the
+    same tensor, tested): the k-th largest value by ``torch.kthvalue`` (linear time, no sort),
+    every unit above it, then the first units equal to it by index until ``k`` are chosen."""
+    e, units, k, tile = _selection_units(scaled_error, select_ratio, tile)
+    n = units.numel()
+    if k == 0:
+        chosen = torch.zeros(n, dtype=torch.bool, device=e.device)
+    elif k >= n:
+        chosen = torch.ones(n, dtype=torch.bool, device=e.device)
+    else:
+        threshold = torch.kthvalue(units, n - k + 1).values
+        chosen = units > threshold
+        missing = k - int(chosen.sum())
+        if missing:
+            chosen[(units == threshold).nonzero().reshape(-1)[:missing]] = True
+    return _expand_selection(chosen, e, tile)
+
+
+def select_second_words_reference(scaled_error: torch.Tensor, select_ratio: float,
+                                  tile: int | None = None) -> torch.Tensor:
+    """:func:`select_second_words` by a stable descending sort: the first ``k`` units of the order."""
+    e, units, k, tile = _selection_units(scaled_error, select_ratio, tile)
+    chosen = torch.zeros(units.numel(), dtype=torch.bool, device=e.device)
+    if k:
+        chosen[torch.sort(units, descending=True, stable=True).indices[:k]] = True
+    return _expand_selection(chosen, e, tile)
 
 
 @dataclass

@@ -22,9 +22,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from ...core.validation import device_key, resolve_device
 from ...data import calibration_subset, head, load_dataset
 from ...evaluate import accuracy, checkpoint_accuracy
-from ...models import load_pretrained
+from ...models import imagenet_key, load_pretrained
 from ...results import cached
 from ...train import batch_augmentation
 from ...utils import seed_all
@@ -52,7 +53,7 @@ def mac_weighted_nzr(model: nn.Module, image: torch.Tensor) -> dict:
     hooks = [m.register_forward_hook(lambda mod, i, o, name=n: macs.__setitem__(
         name, mod.weight.numel() * (o[0, 0].numel() if o.ndim == 4 else 1))) for n, m in layers]
     with torch.no_grad():
-        model.eval()(image[:1])
+        model.eval()(image[:1].to(next(model.parameters()).device))
     for h in hooks:
         h.remove()
     per = {n: {"nzr": float(m.weight_quantizer._nonzero.float().mean()), "macs": int(macs[n]),
@@ -74,8 +75,10 @@ def finetune_experiment(model_name: str, dataset: str, bits: int, select_ratio: 
                         tile: int | None = None, *, lam: float = 3.0, seed: int = 0, epochs: int = 4,
                         train_n: int | None = 3840, curve_n: int | None = 1000, test_n: int | None = None,
                         record_every: int = 10, deploy_ratios=None, batch_size: int = 128, lr: float = 0.01,
-                        step_lr: float = 1e-3, progress: bool = True) -> dict:
-    """One fine-tuning run at W/A ``bits``/``bits`` as a JSON-able record (module docstring)."""
+                        step_lr: float = 1e-3, device=None, progress: bool = True) -> dict:
+    """One fine-tuning run at W/A ``bits``/``bits`` as a JSON-able record (module docstring);
+    ``device``: where it trains and is evaluated (``"cuda"`` without a GPU is a ``ValueError``)."""
+    resolve_device(device)  # fail before loading anything
     t0 = time.time()
     seed_all(seed)
     fp, train, test = _data(model_name, dataset, train_n, test_n)
@@ -83,7 +86,8 @@ def finetune_experiment(model_name: str, dataset: str, bits: int, select_ratio: 
     qmodel, history = finetune(fp, train, head(test, curve_n), w_bits=bits, a_bits=bits, select_ratio=select_ratio,
                                lam=lam, tile=tile, select=select, epochs=epochs, lr=lr, step_lr=step_lr,
                                batch_size=batch_size, seed=seed, calib=head(train, CALIB_N), record_every=record_every,
-                               deploy_ratios=ratios, progress=progress, augment=batch_augmentation(dataset))
+                               deploy_ratios=ratios, progress=progress, augment=batch_augmentation(dataset),
+                               device=device)
     train_seconds = time.time() - t0
     trained_acc = accuracy(qmodel, test)
     trained = {"accuracy": trained_acc, "nzr": nzr(qmodel), **mac_weighted_nzr(qmodel, test[0][0][None])}
@@ -102,16 +106,16 @@ def finetune_experiment(model_name: str, dataset: str, bits: int, select_ratio: 
 
 
 def ptq_experiment(model_name: str, dataset: str, bits: int, select_ratio: float, tile: int | None = None, *,
-                   test_n: int | None = None, act_init: str = "mse") -> dict:
+                   test_n: int | None = None, act_init: str = "mse", device=None) -> dict:
     """STLQ without training: :func:`prepare_stlq` (scales fitted on the weights, the uniform activation
     steps set by ``act_init`` on 256 training images: ``"mse"``, the MSE-optimal step, since LSQ's
     ``2 mean|x| / sqrt(Qp)`` is a starting point for training, not a calibrated clip), deployed at
-    ``select_ratio``, top-1 on the test set."""
+    ``select_ratio``, top-1 on the test set (evaluated on ``device``)."""
     t0 = time.time()
     seed_all(0)
     fp, train, test = _data(model_name, dataset, None, test_n)
     qmodel = set_deploy(prepare_stlq(fp, bits, bits, select_ratio, tile, calib=head(train, CALIB_N), init=act_init),
-                        True)
+                        True).to(resolve_device(device))
     acc = accuracy(qmodel, test)
     return {"model": model_name, "dataset": dataset, "bits": bits, "select_ratio": select_ratio, "tile": tile,
             "accuracy": acc, "nzr": nzr(qmodel), **mac_weighted_nzr(qmodel, test[0][0][None]),
@@ -125,7 +129,7 @@ def run_config(c: dict, bits: int, select_ratio: float, select: bool, tile, seed
                 tile=tile, lam=c["lam"], seed=seed, epochs=c["epochs"], train_n=c["train_n"], curve_n=c["curve_n"],
                 test_n=c["test_n"], record_every=c["record_every"],
                 deploy_ratios=None if select else list(c["ratios"]), batch_size=c["batch_size"], lr=c["lr"],
-                step_lr=c["step_lr"])
+                step_lr=c["step_lr"], **device_key(c.get("device")))
 
 
 def settings(c: dict, bits_list) -> list[tuple]:
@@ -140,7 +144,8 @@ def settings(c: dict, bits_list) -> list[tuple]:
 
 def cached_run(c: dict, bits, select_ratio, select, tile, seed, progress: bool = True) -> dict:
     config = run_config(c, bits, select_ratio, select, tile, seed)
-    return cached("alq_run", config, lambda: finetune_experiment(**config, progress=progress))
+    key = dict(config, **imagenet_key(c["model"], c["dataset"]))
+    return cached("alq_run", key, lambda: finetune_experiment(**config, progress=progress))
 
 
 def sweep(c: dict, bits_list, seeds, progress: bool = True) -> dict:
@@ -156,8 +161,9 @@ def ptq_sweep(c: dict, bits_list, ratios, tiles=(None,), progress: bool = True) 
     out = {}
     for b, r, t in tqdm(combos, desc="STLQ without training", disable=not progress):
         config = dict(model_name=c["model"], dataset=c["dataset"], bits=b, select_ratio=r, tile=t, test_n=c["test_n"],
-                      act_init="mse")
-        out[b, r, t] = cached("alq_ptq", config, lambda config=config: ptq_experiment(**config))
+                      act_init="mse", **device_key(c.get("device")))
+        key = dict(config, **imagenet_key(c["model"], c["dataset"]))
+        out[b, r, t] = cached("alq_ptq", key, lambda config=config: ptq_experiment(**config))
     return out
 
 
@@ -286,7 +292,7 @@ def integer_network_check(qmodel: nn.Module, images: torch.Tensor) -> dict:
     was = qmodel.training
     qmodel.eval()
     layers = stlq_layers(qmodel)
-    rows, integer_out = [], {}
+    rows = []
 
     def hook(mod, inputs, output, name):
         x = inputs[0]
@@ -309,17 +315,14 @@ def integer_network_check(qmodel: nn.Module, images: torch.Tensor) -> dict:
         rows.append({"layer": name, "exact": bool(torch.equal(acc.double(), ref)),
                      "max_abs_diff": float((y - output.double()).abs().max()), "max_abs_acc": int(acc.abs().max()),
                      "two_word_weights": float(words.has2.double().mean())})
-        if name in integer_out:
-            return y.to(output.dtype)
-        return None
+        return y.to(output.dtype)
 
+    with torch.no_grad():
+        fake = qmodel(images)
     handles = [m.register_forward_hook(lambda mod, i, o, name=n: hook(mod, i, o, name)) for n, m in layers]
     try:
         with torch.no_grad():
-            fake = qmodel(images)
-            rows.clear()
-            integer_out.update({n: True for n, _ in layers})
-            integer = qmodel(images)
+            integer = qmodel(images)  # every STLQ layer's output replaced by its integer pipeline
     finally:
         for h in handles:
             h.remove()

@@ -11,6 +11,7 @@ images in the smoke profile)", cached through
 """
 from __future__ import annotations
 
+import shlex
 import time
 
 import numpy as np
@@ -20,7 +21,8 @@ from tqdm import tqdm
 from ...core.validation import device_key, resolve_device
 from ...data import calibration_subset, head, load_dataset
 from ...evaluate import accuracy, checkpoint_accuracy, evaluate
-from ...models import load_pretrained
+from ...imagenet import active, weights_for
+from ...models import imagenet_key, load_pretrained
 from ...paths import derived_read_dirs
 from ...results import CorruptCacheError, cached, read_record
 from ...train import batch_augmentation
@@ -46,9 +48,10 @@ def qat_experiment(model_name: str, dataset: str, variant: str, bits: int, *, se
                    lr: float = 0.01, step_lr: float = 1e-3, weight_decay: float = 5e-4, first_last=8,
                    init: str = "lsq", device=None, progress: bool = True) -> dict:
     """One QAT run as a JSON-able record (API); see the module docstring. ``device``: where
-    :func:`lowbit.lsq.train_qat` trains (``None``: CPU; ``"cuda"`` without a GPU is a ``ValueError``);
-    initialisation, evaluation and entropy run on the CPU."""
-    resolve_device(device)  # fail before loading anything
+    :func:`lowbit.lsq.train_qat` trains and the test top-1s (initial, final, FP) are evaluated
+    (``None``: CPU; ``"cuda"`` without a GPU is a ``ValueError``); the step initialisation and the
+    code entropy run on the CPU."""
+    dev = resolve_device(device)  # fail before loading anything
     t0 = time.time()
     seed_all(seed)
     fp = load_pretrained(model_name, dataset)
@@ -59,16 +62,18 @@ def qat_experiment(model_name: str, dataset: str, variant: str, bits: int, *, se
     qmodel = prepare_variant(fp, variant, bits, calib=head(train, CALIB_N), first_last=first_last,
                              init=init)
     init_steps = learned_steps(qmodel)
-    at_init = evaluate(qmodel, head(test, curve_n))  # epoch 0 of the curve: the initialised steps, no training
+    at_init = evaluate(qmodel.to(dev), head(test, curve_n))  # epoch 0 of the curve: the initialised steps
     qmodel, history = train_qat(qmodel, train, head(test, curve_n), epochs, lr=lr, step_lr=step_lr,
                                 weight_decay=weight_decay, batch_size=batch_size, seed=seed,
                                 augment=batch_augmentation(dataset), device=device, progress=progress)
-    qmodel = qmodel.cpu()
     train_seconds = time.time() - t0
+    test_accuracy = accuracy(qmodel.to(dev), test)
+    fp_test_accuracy = checkpoint_accuracy(fp.to(dev), model_name, dataset, test)
+    qmodel, fp = qmodel.cpu(), fp.cpu()
     return {"model": model_name, "dataset": dataset, "variant": variant, "bits": bits, "seed": seed,
             "init_curve": {"test_accuracy": at_init["accuracy"], "test_loss": at_init["loss"]},
-            "history": history, "test_accuracy": accuracy(qmodel, test), "test_n": len(test),
-            "fp_test_accuracy": checkpoint_accuracy(fp, model_name, dataset, test),
+            "history": history, "test_accuracy": test_accuracy, "test_n": len(test),
+            "fp_test_accuracy": fp_test_accuracy,
             "init_steps": init_steps, "steps": learned_steps(qmodel),
             "entropy": code_entropy(qmodel, head(test, ENTROPY_N)),
             "train_seconds": train_seconds, "seconds": time.time() - t0, "threads": torch.get_num_threads()}
@@ -89,9 +94,54 @@ def run_config(c: dict, variant: str, bits: int, seed: int) -> dict:
 
 
 def cached_run(c: dict, variant: str, bits: int, seed: int, progress: bool = True) -> dict:
-    """One cached :func:`qat_experiment` of profile ``c``."""
+    """One cached :func:`qat_experiment` of profile ``c`` (an ImageNet network's weights and folder are
+    part of the key)."""
     config = run_config(c, variant, bits, seed)
-    return cached("lsq_run", config, lambda: qat_experiment(**config, progress=progress))
+    key = dict(config, **imagenet_key(c["model"], c["dataset"]))
+    return cached("lsq_run", key, lambda: qat_experiment(**config, progress=progress))
+
+
+def torchrun_command(c: dict, variant: str, bits: int, seed: int, nproc: int) -> str:
+    """The ``torchrun`` command line that trains the run ``(variant, bits, seed)`` of the ImageNet
+    profile ``c`` on ``nproc`` GPUs of one node with ``python -m lowbit.lsq`` (DDP over NCCL; the
+    batch per process is ``c["batch_size"] // nproc``, so the global batch stays ``c["batch_size"]``),
+    from the project root, with the process's ImageNet inputs (:func:`lowbit.imagenet.active`)."""
+    if c["dataset"] != "imagenet":
+        raise ValueError(f"torchrun_command is for the ImageNet profile, not {c['model']}/{c['dataset']}")
+    if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
+        raise ValueError(f"nproc must be a positive int (GPUs per node), got {nproc!r}")
+    inputs = active()
+    weights = weights_for(c["model"], inputs["weights"])
+    args = [".venv/bin/torchrun", "--standalone", f"--nproc_per_node={nproc}", "-m", "lowbit.lsq", c["model"],
+            "imagenet", "--data-dir", str(inputs["data_dir"]), "--weights", str(weights), "--device", "cuda",
+            "--variant", variant, "--bits", str(bits), "--epochs", str(c["epochs"]),
+            "--batch-size", str(max(1, c["batch_size"] // nproc)), "--lr", f"{c['lr']:g}",
+            "--step-lr", f"{c['step_lr']:g}", "--seed", str(seed)]
+    if c.get("train_n") is not None:
+        args += ["--train-n", str(c["train_n"])]
+    if c.get("test_n") is not None:
+        args += ["--test-n", str(c["test_n"])]
+    stem = f"runs/qat/{c['model']}-{variant}-w{bits}a{bits}-s{seed}"
+    args += ["--checkpoint", f"{stem}.ckpt", "--save", f"{stem}.pt"]
+    return shlex.join(args)
+
+
+LEVEL_LAYERS = {"resnet20": ["layer1.0.conv1", "layer2.0.conv2", "layer3.2.conv2"]}  # notebook 06's figure
+
+
+def level_layers(record: dict, model_name: str, k: int = 3) -> list[str]:
+    """The layers whose learned levels notebook 06 draws: :data:`LEVEL_LAYERS` for ResNet-20, else
+    ``k`` body layers of the run ``record`` spread from the first to the last (the first and last
+    layers of the network, 8-bit LSQ, are not body layers)."""
+    if model_name in LEVEL_LAYERS:
+        return list(LEVEL_LAYERS[model_name])
+    suffix = ".weight_quantizer"
+    body = [n[:-len(suffix)] for n, q in record["steps"].items()
+            if n.endswith(suffix) and q["bits"] == record["bits"]]
+    if not body:
+        raise ValueError(f"run {record.get('variant')} W/A {record.get('bits')} has no body layers")
+    picks = sorted({round(i * (len(body) - 1) / max(1, k - 1)) for i in range(k)})
+    return [body[i] for i in picks]
 
 
 def sweep(c: dict, variants, bits_list, seeds, progress: bool = True) -> dict:
