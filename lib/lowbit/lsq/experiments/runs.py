@@ -69,7 +69,7 @@ def qat_experiment(model_name: str, dataset: str, variant: str, bits: int, *, se
     train_seconds = time.time() - t0
     test_accuracy = accuracy(qmodel.to(dev), test)
     fp_test_accuracy = checkpoint_accuracy(fp.to(dev), model_name, dataset, test)
-    qmodel, fp = qmodel.cpu(), fp.cpu()
+    qmodel = qmodel.cpu()
     return {"model": model_name, "dataset": dataset, "variant": variant, "bits": bits, "seed": seed,
             "init_curve": {"test_accuracy": at_init["accuracy"], "test_loss": at_init["loss"]},
             "history": history, "test_accuracy": test_accuracy, "test_n": len(test),
@@ -104,7 +104,8 @@ def cached_run(c: dict, variant: str, bits: int, seed: int, progress: bool = Tru
 def torchrun_command(c: dict, variant: str, bits: int, seed: int, nproc: int) -> str:
     """The ``torchrun`` command line that trains the run ``(variant, bits, seed)`` of the ImageNet
     profile ``c`` on ``nproc`` GPUs of one node with ``python -m lowbit.lsq`` (DDP over NCCL; the
-    batch per process is ``c["batch_size"] // nproc``, so the global batch stays ``c["batch_size"]``),
+    batch per process is ``c["batch_size"] // nproc``, at least 1, so the global batch is
+    ``c["batch_size"]`` where ``nproc`` divides it),
     from the project root, with the process's ImageNet inputs (:func:`lowbit.imagenet.active`)."""
     if c["dataset"] != "imagenet":
         raise ValueError(f"torchrun_command is for the ImageNet profile, not {c['model']}/{c['dataset']}")
