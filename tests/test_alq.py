@@ -111,6 +111,19 @@ def test_fast_selection_is_the_stable_sort(tile):
             assert torch.equal(select_second_words(e, r, tile), select_second_words_reference(e, r, tile)), (k, tile)
 
 
+@pytest.mark.parametrize("tile", [None, 4])
+def test_second_word_only_where_selected_is_every_residual_masked(tile):
+    """stlq_quantize computes the second word on the selected entries only; with per-channel scales
+    that equals quantizing every residual and masking (the plain form)."""
+    w = _w((16, 36))
+    s = fit_stlq_scale(w, 3, 0.2, tile)
+    got = stlq_quantize(w, s, 3, 0.2, tile)
+    first = log_quantize(w, s, 3)
+    err = w - first
+    plain = torch.where(got.selected, log_quantize(err, s, 3), torch.zeros_like(w))
+    assert got.selected.sum() > 0 and torch.equal(got.second, plain) and torch.equal(got.values, first + plain)
+
+
 def test_per_channel_scale_and_fit():
     w = _w((8, 36))
     s = fit_stlq_scale(w, 4, 0.15)

@@ -108,7 +108,11 @@ def log_quantize(x: torch.Tensor, scale, bits: int) -> torch.Tensor:
     """One log word (SQ eq. 5): the nearest of ``{+-scale * p : p in log_points(bits)}`` (``scale`` a
     number or one per output channel, ``dim 0``)."""
     x = _check_weight(x)
-    s = _check_scale(scale, x)
+    return _log_word(x, _check_scale(scale, x), bits)
+
+
+def _log_word(x: torch.Tensor, s: torch.Tensor, bits: int) -> torch.Tensor:
+    """:func:`log_quantize` of checked input (``s`` a 0-d or ``(C,)`` tensor)."""
     return quantize_to_points(x, log_points(bits), s if s.ndim else float(s), dim=0)
 
 
@@ -180,11 +184,19 @@ def stlq_quantize(w: torch.Tensor, scale, bits: int, select_ratio: float, tile: 
     bits = check_bits(bits, hi=MAX_BITS)
     select_ratio = check_select_ratio(select_ratio)
     tile = check_tile(tile, w)
-    s = _check_scale(scale, w)
-    first = log_quantize(w, s, bits)
+    return _stlq(w, _check_scale(scale, w), bits, select_ratio, tile)
+
+
+def _stlq(w: torch.Tensor, s: torch.Tensor, bits: int, select_ratio: float, tile: int | None) -> STLQResult:
+    """:func:`stlq_quantize` of checked input. The second word is computed only where selected
+    (``log_quantize`` is elementwise, so this is the same as quantizing every residual and masking)."""
+    first = _log_word(w, s, bits)
     err = w - first
     selected = select_second_words(err.abs() / _scale_view(s, w), select_ratio, tile)
-    second = torch.where(selected, log_quantize(err, s, bits), torch.zeros_like(w))
+    second = torch.zeros_like(w)
+    if selected.any():
+        s_each = _scale_view(s, w).expand_as(w)[selected] if s.ndim else s
+        second[selected] = _log_word(err[selected], s_each, bits)
     mask = second != 0
     return STLQResult(first + second, first, second, mask, selected, float(mask.double().mean()), s, bits)
 
@@ -223,7 +235,12 @@ def stlq_quantize_reference(w: torch.Tensor, scale: float, bits: int, select_rat
 
 
 def stlq_mse(w: torch.Tensor, scale, bits: int, select_ratio: float, tile: int | None = None) -> float:
-    return float(((stlq_quantize(w, scale, bits, select_ratio, tile).values - w) ** 2).mean())
+    """Mean squared error of :func:`stlq_quantize`."""
+    return _mse(stlq_quantize(w, scale, bits, select_ratio, tile), w)
+
+
+def _mse(result: STLQResult, w: torch.Tensor) -> float:
+    return float(((result.values - w) ** 2).mean())
 
 
 def fit_stlq_scale(w: torch.Tensor, bits: int, select_ratio: float, tile: int | None = None,
@@ -233,9 +250,12 @@ def fit_stlq_scale(w: torch.Tensor, bits: int, select_ratio: float, tile: int | 
     w = _check_weight(w).detach()
     top = w.abs().reshape(w.shape[0], -1).amax(1) if per_channel and w.ndim > 1 else w.abs().max()
     top = torch.where(top > 0, top, torch.full_like(top, float(w.abs().max()) or 1.0))
+    bits = check_bits(bits, hi=MAX_BITS)
+    select_ratio = check_select_ratio(select_ratio)
+    tile = check_tile(tile, w)
     best, best_mse = None, math.inf
     for r in SCALE_GRID:
-        mse = stlq_mse(w, top * r, bits, select_ratio, tile)
+        mse = _mse(_stlq(w, _check_scale(top * r, w), bits, select_ratio, tile), w)
         if mse < best_mse:
             best, best_mse = top * r, mse
     return best

@@ -36,7 +36,8 @@ def _as_points(points, dtype, device) -> torch.Tensor:
 
 def sgn(w: torch.Tensor) -> torch.Tensor:
     """``-1`` for negative entries, ``+1`` otherwise (zeros included): the sign of eq. 3's level."""
-    return torch.where(w < 0, -torch.ones_like(w), torch.ones_like(w))
+    one = torch.ones((), dtype=w.dtype, device=w.device)
+    return torch.where(w < 0, -one, one)
 
 
 def _scale_view(scale, w: torch.Tensor, dim: int) -> torch.Tensor:
