@@ -34,6 +34,17 @@ def test_bits_of_the_wrong_type_are_both_type_and_value_errors(bad):
         validation.check_bits(bad)
 
 
+@pytest.mark.parametrize("bad", [0, -3, 2.0, True, "4", None])
+def test_check_positive_int_rejects_what_is_not_a_count(bad):
+    with pytest.raises(ValueError, match=r"nproc must be a positive int \(GPUs per node\), got"):
+        validation.check_positive_int(bad, "nproc", " (GPUs per node)")
+
+
+def test_check_positive_int_returns_a_python_int():
+    got = validation.check_positive_int(np.int64(7), "n")
+    assert got == 7 and type(got) is int
+
+
 def test_check_bits_accepts_and_bounds():
     assert validation.check_bits(np.int64(3)) == 3
     assert validation.check_bits(None, allow_none=True) is None

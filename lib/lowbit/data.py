@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .core.validation import check_positive_int
 from . import imagenet
 from .paths import raw_dir
 from .results import sha256_file
@@ -197,8 +198,7 @@ def _digits(split: str):
 
 def calibration_subset(dataset: Dataset, n: int, seed: int = 0) -> Dataset:
     """A fixed, seeded subset of ``n`` samples (drawn without replacement)."""
-    if not isinstance(n, (int, np.integer)) or n <= 0:
-        raise ValueError(f"n must be a positive integer, got {n!r}")
+    check_positive_int(n, "n")
     if n > len(dataset):
         raise ValueError(f"n={n} exceeds the data set size {len(dataset)}")
     idx = np.random.default_rng(seed).choice(len(dataset), size=n, replace=False)
@@ -213,8 +213,7 @@ def per_class_subset(dataset: Dataset, per_class: int, seed: int = 0) -> Dataset
     (Q-Rater's objective: 20 images per class of the training set, its appendix D): an in-memory
     :class:`TensorImageDataset` of one, a ``Subset`` of any other with per-sample ``targets`` (an
     ``ImageFolder``). A class with fewer samples is a ``ValueError``."""
-    if isinstance(per_class, bool) or not isinstance(per_class, (int, np.integer)) or per_class < 1:
-        raise ValueError(f"per_class must be a positive int, got {per_class!r}")
+    check_positive_int(per_class, "per_class")
     in_memory = isinstance(dataset, TensorImageDataset)
     targets = dataset.labels.numpy() if in_memory else getattr(dataset, "targets", None)
     if targets is None or len(targets) != len(dataset):
@@ -241,8 +240,7 @@ def head(dataset: Dataset, n: int | None) -> Dataset:
     slice of a :class:`TensorImageDataset`, a ``Subset`` of any other (an ImageFolder)."""
     if n is None or n >= len(dataset):
         return dataset
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-        raise ValueError(f"n must be a positive int or None, got {n!r}")
+    check_positive_int(n, "n", " or None")
     if not isinstance(dataset, TensorImageDataset):
         return torch.utils.data.Subset(dataset, list(range(int(n))))
     return TensorImageDataset(dataset.images[:n], dataset.labels[:n], dataset.name, f"{dataset.split}[:{n}]")

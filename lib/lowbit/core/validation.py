@@ -77,6 +77,14 @@ def as_points(points) -> np.ndarray:
     return np.unique(p)
 
 
+def check_positive_int(value, what: str, hint: str = "") -> int:
+    """``int(value)`` if it is an int (not a bool) ``>= 1``, else a ``ValueError`` naming ``what``
+    (``hint``, e.g. ``" (GPUs per node)"``, says what the number counts)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{what} must be a positive int{hint}, got {value!r}")
+    return int(value)
+
+
 def check_choice(value, choices, what: str) -> str:
     """``value`` if it is one of ``choices``, else a ``ValueError`` listing them."""
     if not isinstance(value, str) or value not in choices:

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from ..core.validation import resolve_device
+from ..core.validation import check_positive_int, resolve_device
 from ..data import TensorImageDataset
 from ..results import CorruptCacheError, atomic_write_bytes
 from .modules import _LearnedStepQuantizer
@@ -177,8 +177,7 @@ def _check_args(model, train_set, test_set, epochs, lr, step_lr, weight_decay, b
         if not hasattr(ds, "__getitem__") or not hasattr(ds, "__len__") or len(ds) == 0:
             raise ValueError(f"{name} must be a non-empty Dataset of (image, label) pairs")
     for name, v in (("epochs", epochs), ("batch_size", batch_size)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be a positive int, got {v!r}")
+        check_positive_int(v, name)
     for name, v in (("lr", lr), ("step_lr", step_lr)):
         if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
             raise ValueError(f"{name} must be a positive number, got {v!r}")

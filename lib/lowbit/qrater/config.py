@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..core.clipping import CLIP_RULES
-from ..core.validation import check_bits, check_choice, resolve_device
+from ..core.validation import check_bits, check_choice, check_positive_int, resolve_device
 from .rounding import check_gamma, check_order
 
 OPS = ("clip", "round", "bias")
@@ -45,12 +45,6 @@ def search_grids(name: str = "paper") -> dict:
         return dict(clip_grid=list(PAPER_CLIP_GRID), gamma_n_grid=list(PAPER_GAMMA_N_GRID),
                     gamma_s_grid=list(PAPER_GAMMA_S_GRID), bo_steps=PAPER_BO_STEPS)
     return dict(clip_grid=[0.5, 1.0], gamma_n_grid=[-0.5, 0.0, 0.5], gamma_s_grid=[0.5], bo_steps=2)
-
-
-def _positive_int(value, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{what} must be a positive int, got {value!r}")
-    return int(value)
 
 
 @dataclass(frozen=True)
@@ -127,8 +121,8 @@ class QRaterConfig:
                              f"got {self.layers!r}")
         if self.layers is not None and self.layers != ALL_BUT_FIRST:
             put("layers", tuple(self.layers))
-        _positive_int(self.batch_size, "batch_size")
-        _positive_int(self.stat_batch, "stat_batch")
+        check_positive_int(self.batch_size, "batch_size")
+        check_positive_int(self.stat_batch, "stat_batch")
         if self.device is not None:
             resolve_device(self.device)  # an unknown or missing accelerator fails here, not mid-run
 

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from ...core.gates import mux2_count, mux_gates, ripple_adder_gates, xor_gates
-from ...core.validation import check_bits
+from ...core.validation import check_bits, check_positive_int
 from ..quantizers import MAX_BITS, log_points
 from .words import STLQWords
 
@@ -83,9 +83,7 @@ def two_cycle_fraction(mask, lanes: int) -> float:
 
 
 def _check_lanes(lanes) -> int:
-    if isinstance(lanes, bool) or not isinstance(lanes, (int, np.integer)) or lanes < 1:
-        raise ValueError(f"lanes must be a positive int (PEs per lockstep group), got {lanes!r}")
-    return int(lanes)
+    return check_positive_int(lanes, "lanes", " (PEs per lockstep group)")
 
 
 def _check_fraction(v, name: str) -> float:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ...core.validation import device_key, resolve_device
+from ...core.validation import check_positive_int, device_key, resolve_device
 from ...data import calibration_subset, head, load_dataset
 from ...evaluate import accuracy, checkpoint_accuracy, evaluate
 from ...imagenet import active, weights_for
@@ -109,8 +109,7 @@ def torchrun_command(c: dict, variant: str, bits: int, seed: int, nproc: int) ->
     from the project root, with the process's ImageNet inputs (:func:`lowbit.imagenet.active`)."""
     if c["dataset"] != "imagenet":
         raise ValueError(f"torchrun_command is for the ImageNet profile, not {c['model']}/{c['dataset']}")
-    if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
-        raise ValueError(f"nproc must be a positive int (GPUs per node), got {nproc!r}")
+    check_positive_int(nproc, "nproc", " (GPUs per node)")
     inputs = active()
     weights = weights_for(c["model"], inputs["weights"])
     args = [".venv/bin/torchrun", "--standalone", f"--nproc_per_node={nproc}", "-m", "lowbit.lsq", c["model"],
