@@ -173,3 +173,16 @@ def test_search_grids_and_all_but_first_layers():
     assert qrater.QRaterConfig(4, 4, layers=qrater.ALL_BUT_FIRST).layers == qrater.ALL_BUT_FIRST
     with pytest.raises(ValueError, match="all-but-first"):
         qrater.QRaterConfig(4, 4, layers="all-but-last")
+
+
+def test_probe_ties_counts_searches_decided_by_accuracy_ties_and_by_order():
+    def probe(layer, stage, acc, target):
+        return {"layer": layer, "stage": stage, "accuracy": acc, "target": target}
+
+    record = {"probes": [
+        probe("a", "w_clip", 90.0, 89.9), probe("a", "w_clip", 90.0, 89.8), probe("a", "w_clip", 80.0, 79.0),  # acc tie
+        probe("a", "w_round", 95.0, 94.9), probe("a", "w_round", 95.0, 94.9),  # acc and target tie
+        probe("b", "w_clip", 70.0, 69.0), probe("b", "w_clip", 71.0, 70.0),  # no tie
+        probe("b", "bias", 50.0, 49.0),  # one probe: not a search
+    ]}
+    assert qrater.probe_ties(record) == {"searches": 3, "probes": 7, "accuracy_ties": 2, "target_ties": 1}

@@ -140,9 +140,31 @@ def cached_experiment(c: dict, bits: int, variant: str | None = None, search: st
     return r
 
 
-def table1_runs(c: dict, bits_list, variants=tuple(TABLE1_VARIANTS), seed: int = 0) -> dict:
-    """``{(bits, variant): record}`` of Table 1 (cached runs, grid search)."""
-    return {(bits, v): cached_experiment(c, bits, v, seed=seed) for bits in bits_list for v in variants}
+def table1_runs(c: dict, bits_list, variants=tuple(TABLE1_VARIANTS), seed: int = 0, **extra) -> dict:
+    """``{(bits, variant): record}`` of Table 1 (cached runs, grid search; ``extra`` options of
+    :func:`run`, e.g. ``objective="loss"``)."""
+    return {(bits, v): cached_experiment(c, bits, v, seed=seed, **extra) for bits in bits_list for v in variants}
+
+
+def probe_ties(record: dict) -> dict:
+    """How a run's searches were decided: over its searches (the probes of one ``(layer, stage)``,
+    two or more of them), how many have the top calibration accuracy reached by two or more probes
+    (``accuracy_ties``: accuracy alone cannot tell them apart) and how many have their top *target*
+    (the run's objective, :meth:`QRaterConfig.target`) reached by two or more (``target_ties``: the
+    search is decided by probe order). Under ``objective="accuracy"`` a search in ``accuracy_ties``
+    but not ``target_ties`` was decided by the cross-entropy tie-break alone."""
+    groups: dict = {}
+    for p in record["probes"]:
+        groups.setdefault((p["layer"], p["stage"]), []).append(p)
+    searches = [g for g in groups.values() if len(g) > 1]
+
+    def tied(g, key):
+        top = max(p[key] for p in g)
+        return sum(p[key] == top for p in g) > 1
+
+    return {"searches": len(searches), "probes": sum(len(g) for g in searches),
+            "accuracy_ties": sum(tied(g, "accuracy") for g in searches),
+            "target_ties": sum(tied(g, "target") for g in searches)}
 
 
 def figure6_runs(c: dict, bits: int, seed: int = 0) -> dict:
