@@ -244,3 +244,12 @@ def test_make_clean_removes_leftover_temp_files_only(tmp_path):
     assert done.returncode == 0, done.stderr
     assert not leftover[0].exists() and not run_tmp.exists()
     assert target.read_text() == "old" and all(p.exists() for p in keep)
+
+
+def test_records_yields_every_verified_record_and_skips_a_corrupt_one(out_dir):
+    good = results.save_result("probe_records", {"k": 1}, {"v": 1})
+    bad = results.save_result("probe_records", {"k": 2}, {"v": 2})
+    bad.write_text(bad.read_text().replace('"v": 2', '"v": 3'))  # payload changed, checksum not
+    got = list(results.records("probe_records"))
+    assert [(r["config"], r["payload"]) for r in got] == [({"k": 1}, {"v": 1})]
+    assert good.parent.resolve() != (results.project_root() / "data" / "derived").resolve()

@@ -176,6 +176,21 @@ def read_record(path) -> dict:
     return record
 
 
+def records(name: str):
+    """Every verified ``name`` record (output folder first, then ``data/derived/``; a file name seen in
+    the first is not read again from the second); corrupt ones are skipped, never used."""
+    seen = set()
+    for folder in derived_read_dirs():
+        for path in sorted(folder.glob(f"{name}-*.json")):
+            if path.name in seen:
+                continue
+            seen.add(path.name)
+            try:
+                yield read_record(path)
+            except CorruptCacheError:
+                continue
+
+
 def load_result(name: str, config: dict):
     """The cached payload (output folder first, then ``data/derived/``), ``None`` if absent;
     :class:`CorruptCacheError` if corrupt."""

@@ -63,11 +63,12 @@ def two_word_log_points(bits: int) -> np.ndarray:
     return sums / sums.max()
 
 
-def apot_points(bits: int) -> np.ndarray:
-    """Additive powers-of-two QPS (APoT, Li et al. ICLR 2020), ``2^(bits-1)`` points, max 1.
+def apot_terms(bits: int) -> tuple[list, list, list]:
+    """The three term lists ``(A, B, C)`` of APoT (Li, Dong, Wang, ICLR 2020) before scaling: every
+    point is ``a + b + c`` (C holds only 0 below 6 bits, so two shift-add terms suffice there).
 
     Transcribes the official ``build_power_value(B, additive=True)`` with ``B = bits - 1``
-    (sign bit excluded); ``B = 1`` gives ``{0, 1}``.
+    (sign bit excluded).
     """
     b = check_bits(bits, hi=7, lo=2, what="APoT bits (2..7)") - 1
     base_a, base_b, base_c = [0.0], [0.0], [0.0]
@@ -100,6 +101,13 @@ def apot_points(bits: int) -> np.ndarray:
             base_a.append(2.0 ** (-3 * i - 1))
             base_b.append(2.0 ** (-3 * i - 2))
             base_c.append(2.0 ** (-3 * i - 3))
+    return base_a, base_b, base_c
+
+
+def apot_points(bits: int) -> np.ndarray:
+    """Additive powers-of-two QPS (APoT, Li et al. ICLR 2020), ``2^(bits-1)`` points, max 1: the
+    sums of :func:`apot_terms` (``bits = 2`` gives ``{0, 1}``)."""
+    base_a, base_b, base_c = apot_terms(bits)
     values = np.unique([a + bb + c for a in base_a for bb in base_b for c in base_c])
     return values / values.max()
 

@@ -26,10 +26,10 @@ from ...core.validation import device_key, resolve_device
 from ...data import calibration_subset, head, load_dataset
 from ...evaluate import accuracy, checkpoint_accuracy
 from ...models import imagenet_key, load_pretrained
-from ...results import cached
+from ...results import cached, records
 from ...train import batch_augmentation
 from ...utils import seed_all
-from ...lsq.experiments.runs import _records, _std
+from ...lsq.experiments.runs import _std
 from ...lsq.qat import CALIB_N
 from ..finetune import finetune
 from ..hw import encode_stlq, integer_weights, stlq_mac_conv2d, stlq_mac_cost, stlq_mac_linear, two_cycle_fraction
@@ -258,7 +258,7 @@ def notebook03_points(model: str, dataset: str, w_bits: int, a_bits: int) -> lis
     """Notebook 03's cached PTQ cells (``sq_ptq_run``) at W/A ``w_bits``/``a_bits``: one row per
     method, mean +- std top-1 over its seeds, its test images and its fraction of two-shift MACs."""
     groups: dict = {}
-    for rec in _records("sq_ptq_run"):
+    for rec in records("sq_ptq_run"):
         c, p = rec["config"], rec["payload"]
         if (c.get("model"), c.get("dataset"), c.get("w_bits"), c.get("a_bits")) == (model, dataset, w_bits, a_bits):
             method = f"{c['method']}{' + refine' if c.get('refine') else ''}"

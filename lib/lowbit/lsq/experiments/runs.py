@@ -23,8 +23,7 @@ from ...data import calibration_subset, head, load_dataset
 from ...evaluate import accuracy, checkpoint_accuracy, evaluate
 from ...imagenet import active, weights_for
 from ...models import imagenet_key, load_pretrained
-from ...paths import derived_read_dirs
-from ...results import CorruptCacheError, cached, read_record
+from ...results import cached, records
 from ...train import batch_augmentation
 from ...utils import seed_all
 from ..entropy import code_entropy
@@ -236,31 +235,18 @@ def entropy_table(runs: dict, variants, bits_list, seeds) -> list[dict]:
     return rows
 
 
-def _records(name: str):
-    seen = set()
-    for folder in derived_read_dirs():
-        for path in sorted(folder.glob(f"{name}-*.json")):
-            if path.name in seen:
-                continue
-            seen.add(path.name)
-            try:
-                yield read_record(path)
-            except CorruptCacheError:
-                continue
-
-
 def best_ptq(model: str, dataset: str, bits: int, a_bits: int | None = None) -> dict | None:
     """The best post-training result at W/A ``bits``/``a_bits`` (``a_bits`` defaults to ``bits``) among notebook 03's SQ Table 3 cells
     (``sq_ptq_run``, mean over seeds per method) and notebook 05's Q-Rater runs (``qrater_run``), read
     from their cached records: ``{"source", "method", "accuracy", "seconds", "test_n", "seeds"}``."""
     a_bits = bits if a_bits is None else a_bits
     groups: dict = {}
-    for rec in _records("sq_ptq_run"):
+    for rec in records("sq_ptq_run"):
         c, p = rec["config"], rec["payload"]
         if (c.get("model"), c.get("dataset"), c.get("w_bits"), c.get("a_bits")) == (model, dataset, bits, a_bits):
             key = ("notebook 03 (SQ)", f"{c['method']}{' + refine' if c.get('refine') else ''}", c.get("test_size"))
             groups.setdefault(key, []).append((p["accuracy"], p["seconds"]))
-    for rec in _records("qrater_run"):
+    for rec in records("qrater_run"):
         c, p = rec["config"], rec["payload"]
         if (c.get("model_name"), c.get("dataset"), c.get("w_bits"), c.get("a_bits")) == (model, dataset, bits, a_bits):
             ops = c.get("ops")

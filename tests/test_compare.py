@@ -1,0 +1,64 @@
+"""lowbit.compare: the cross-paper rows of notebook 08 (cost model, record matching, Pareto front)."""
+import numpy as np
+import pytest
+
+from lowbit import compare, results
+from lowbit.sq.hw import sq_mac_cost, uniform_mac_cost
+from lowbit.sq.quantizers import apot_points, log2_points, two_word_log_points
+
+
+def test_pareto_front_keeps_exactly_the_undominated_points():
+    pts = [(1.0, 90.0), (2.0, 92.0), (2.0, 91.0), (3.0, 92.0), (0.5, 80.0), (1.0, 90.0)]
+    # (2, 91) is dominated by (2, 92); (3, 92) by (2, 92); the two equal (1, 90) do not dominate each other
+    assert compare.pareto_front(pts) == {0, 1, 4, 5}
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_term_sets_add_up_to_each_methods_points(bits):
+    for method, points in (("log2", log2_points), ("two_word_log", two_word_log_points), ("apot", apot_points)):
+        a, b = compare.term_sets(method, bits)
+        sums = np.unique([x + y for x in a for y in b])
+        assert np.allclose(sums / sums.max(), points(bits)), (method, bits)
+
+
+def test_relative_cost_is_each_datapath_over_the_uniform_mac():
+    u = uniform_mac_cost(4, 4)["uniform_mac_gates"]
+    assert compare.relative_mac_cost("LSQ", 4, 4) == 1.0 == compare.relative_mac_cost("Q-Rater", 4, 4)
+    assert compare.relative_mac_cost("sq + refine", 4, 4) == sq_mac_cost(5, 4, 4)["sq_mac_gates"] / u
+    a, b = compare.term_sets("apot", 4)
+    assert compare.relative_mac_cost("apot", 4, 4) == sq_mac_cost((a, b), 4, 4)["sq_mac_gates"] / u
+    # STLQ: a second cycle for every group costs more than for none
+    lo = compare.relative_mac_cost("STLQ", 3, 3, two_cycle_fraction=0.0, nzr=0.0)
+    hi = compare.relative_mac_cost("STLQ", 3, 3, two_cycle_fraction=1.0, nzr=0.15)
+    assert hi > lo
+    with pytest.raises(ValueError, match="two_cycle_fraction"):
+        compare.relative_mac_cost("STLQ", 3, 3)
+    with pytest.raises(ValueError, match="no MAC model"):
+        compare.relative_mac_cost("fp32", 4, 4)
+    with pytest.raises(ValueError, match="third term"):
+        compare.term_sets("apot", 6)
+
+
+def _sq(method, seed, acc, universal=None, refine=False, w_bits=3, a_bits=3):
+    results.save_result("sq_ptq_run", dict(model="tiny", dataset="toy", method=method, w_bits=w_bits, a_bits=a_bits,
+                                           seed=seed, refine=refine, universal=universal, test_size=100),
+                        {"accuracy": acc, "seconds": 2.0 * (seed + 1)})
+
+
+def test_rows_come_from_matching_records_only(out_dir):
+    _sq("sq", 0, 90.0, universal=5)
+    _sq("sq", 1, 92.0, universal=5)
+    _sq("sq", 2, 10.0, universal=3)  # another universal set: not notebook 03's SQ row
+    _sq("uniform", 0, 80.0)
+    _sq("uniform", 1, 70.0, w_bits=4)  # another W/A
+    for extra, acc in (({}, 85.0), ({"targets": ["weight"]}, 1.0)):  # a Fig. 6 run is not Table 1's Q-Rater
+        results.save_result("qrater_run", dict(model_name="tiny", dataset="toy", w_bits=3, a_bits=3, search="grid",
+                                               ops=["clip", "round", "bias"], **extra),
+                            {"test_accuracy": acc, "seconds": 5.0, "test_n": 100})
+    rows = {r["method"]: r for r in compare.cross_paper_rows("tiny", "toy", 3, 3)}
+    assert set(rows) == {"sq", "uniform", "Q-Rater"}
+    assert rows["sq"]["top-1"] == 91.0 and rows["sq"]["seeds"] == 2 and rows["sq"]["std"] == pytest.approx(2 ** 0.5)
+    assert rows["sq"]["seconds"] == 3.0 and rows["Q-Rater"]["top-1"] == 85.0
+    # Q-Rater (85, cost 1) dominates uniform (80, cost 1); sq (91, cost > 1) is the other end of the front
+    assert {m for m, r in rows.items() if r["pareto"]} == {"sq", "Q-Rater"}
+    assert all(r["W/A"] == "3/3" and r["network"] == "tiny/toy" for r in rows.values())
