@@ -62,3 +62,16 @@ def test_rows_come_from_matching_records_only(out_dir):
     # Q-Rater (85, cost 1) dominates uniform (80, cost 1); sq (91, cost > 1) is the other end of the front
     assert {m for m, r in rows.items() if r["pareto"]} == {"sq", "Q-Rater"}
     assert all(r["W/A"] == "3/3" and r["network"] == "tiny/toy" for r in rows.values())
+
+
+def test_table_rows_and_front_lines_and_figures(out_dir):
+    _sq("sq", 0, 91.0, universal=5)
+    _sq("uniform", 0, 80.0)
+    rows = compare.table_rows([("tiny", "toy", 3, 3), ("tiny", "toy", 4, 4)])
+    assert [list(r) for r in rows] == [list(compare.COLUMNS)] * 2  # no 4/4 records: no rows for it
+    line, = compare.front_lines(rows)
+    assert line.startswith("W/A 3/3: front uniform (80.00 +- 0.00 at 1.00x) -> sq (91.00")
+    assert line.endswith("most accurate sq; spread over 2 methods 11.00 points")
+    for draw in (compare.plots.accuracy_vs_cost, compare.plots.accuracy_vs_compute):
+        fig = draw(rows, "t")
+        assert len(fig.axes) == 1 and len(fig.axes[0].lines) >= 2

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..models import imagenet_key
 from ..results import records
 from .cost import relative_mac_cost
 
@@ -39,11 +40,14 @@ def _row(method: str, source: str, accs, seconds, test_n, w_bits, a_bits, **meas
             "relative MAC cost": relative_mac_cost(method, w_bits, 8 if a_bits is None else a_bits, **measured)}
 
 
-def _groups(name: str, match, key, value):
+def _groups(name: str, match, key, value, model: str, dataset: str):
+    """``{key: [value, ...]}`` over the ``name`` records that ``match`` and, for an ImageNet network,
+    were run on this process's weights and ImageNet folder (:func:`lowbit.models.imagenet_key`)."""
+    identity = imagenet_key(model, dataset).items()
     out: dict = {}
     for rec in records(name):
         c, p = rec["config"], rec["payload"]
-        if match(c, p):
+        if match(c, p) and all(c.get(k) == v for k, v in identity):
             out.setdefault(key(c, p), []).append(value(c, p))
     return out
 
@@ -56,7 +60,7 @@ def sq_rows(model: str, dataset: str, w_bits: int, a_bits: int | None) -> list[d
 
     groups = _groups("sq_ptq_run", match, lambda c, p: (c["method"] + (" + refine" if c["refine"] else ""),
                                                         c.get("test_size")),
-                     lambda c, p: (p["accuracy"], p["seconds"]))
+                     lambda c, p: (p["accuracy"], p["seconds"]), model, dataset)
     return [_row(m, "notebook 03 (sq_ptq_run)", [a for a, _ in v], [s for _, s in v], n or "all", w_bits, a_bits)
             for (m, n), v in sorted(groups.items(), key=str)]
 
@@ -68,7 +72,7 @@ def qrater_rows(model: str, dataset: str, w_bits: int, a_bits: int | None) -> li
                 and c.get("ops") == QRATER_OPS and c.get("search") == "grid" and c.get("objective", "accuracy") == "accuracy"
                 and not {"targets", "order", "bias_mode"} & set(c))
 
-    groups = _groups("qrater_run", match, lambda c, p: p["test_n"], lambda c, p: (p["test_accuracy"], p["seconds"]))
+    groups = _groups("qrater_run", match, lambda c, p: p["test_n"], lambda c, p: (p["test_accuracy"], p["seconds"]), model, dataset)
     return [_row("Q-Rater", "notebook 05 (qrater_run)", [a for a, _ in v], [s for _, s in v], n, w_bits, a_bits)
             for n, v in sorted(groups.items())]
 
@@ -76,7 +80,7 @@ def qrater_rows(model: str, dataset: str, w_bits: int, a_bits: int | None) -> li
 def lsq_rows(model: str, dataset: str, bits: int) -> list[dict]:
     """Notebook 06's LSQ and its best nuLSQ variant at W/A ``bits``/``bits``."""
     groups = _groups("lsq_run", lambda c, p: (c.get("model_name"), c.get("dataset"), c.get("bits")) == (model, dataset, bits),
-                     lambda c, p: c["variant"], lambda c, p: (p["test_accuracy"], p["seconds"], p["test_n"]))
+                     lambda c, p: c["variant"], lambda c, p: (p["test_accuracy"], p["seconds"], p["test_n"]), model, dataset)
     rows = {v: _row(v, "notebook 06 (lsq_run)", [a for a, _, _ in r], [s for _, s, _ in r], r[0][2], bits, bits)
             for v, r in groups.items()}
     nulsq = [r for v, r in rows.items() if v.startswith("nuLSQ")]
@@ -96,7 +100,7 @@ def stlq_rows(model: str, dataset: str, bits: int) -> list[dict]:
     out = []
     ptq = _groups("alq_ptq", lambda c, p: ((c.get("model_name"), c.get("dataset"), c.get("bits")) == (model, dataset, bits)
                                             and c.get("select_ratio") == STLQ_RATIO and c.get("tile") is None),
-                  lambda c, p: p["test_n"], lambda c, p: p)
+                  lambda c, p: p["test_n"], lambda c, p: p, model, dataset)
     for n, ps in sorted(ptq.items()):
         out.append(_row("STLQ", "notebook 07 (alq_ptq)", [p["accuracy"] for p in ps], [p["seconds"] for p in ps], n,
                         bits, bits, two_cycle_fraction=ps[0]["mac_two_cycle_fraction"], nzr=ps[0]["mac_nzr"]))
@@ -104,7 +108,7 @@ def stlq_rows(model: str, dataset: str, bits: int) -> list[dict]:
     ft = _groups("alq_run", lambda c, p: ((c.get("model_name"), c.get("dataset"), c.get("bits")) == (model, dataset, bits)
                                            and c.get("select_ratio") == STLQ_RATIO and c.get("select") is True
                                            and c.get("tile") is None and key in (p.get("deployed") or {})),
-                 lambda c, p: p["test_n"], lambda c, p: p["deployed"][key] | {"seconds": p["seconds"]})
+                 lambda c, p: p["test_n"], lambda c, p: p["deployed"][key] | {"seconds": p["seconds"]}, model, dataset)
     for n, ds in sorted(ft.items()):
         f = float(np.mean([_mac_weighted(d["layers"], "two_cycle_fraction") for d in ds]))
         z = float(np.mean([_mac_weighted(d["layers"], "nzr") for d in ds]))
@@ -131,3 +135,29 @@ def pareto_front(points) -> set:
     pts = list(points)
     return {i for i, (c, a) in enumerate(pts)
             if not any((c2 <= c and a2 >= a) and (c2 < c or a2 > a) for c2, a2 in pts)}
+
+
+def front_lines(rows: list[dict]) -> list[str]:
+    """Per ``W/A``, the methods on the front from cheapest to most accurate, with their numbers."""
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault(r["W/A"], []).append(r)
+    out = []
+    for wa, rs in groups.items():
+        front = sorted((r for r in rs if r["pareto"]), key=lambda r: r["relative MAC cost"])
+        best = max(rs, key=lambda r: r["top-1"])
+        spread = float(np.ptp([r["top-1"] for r in rs]))
+        out.append(f"W/A {wa}: front " + " -> ".join(
+            f"{r['method']} ({r['top-1']:.2f} +- {r['std']:.2f} at {r['relative MAC cost']:.2f}x)" for r in front)
+            + f"; most accurate {best['method']}; spread over {len(rs)} methods {spread:.2f} points")
+    return out
+
+
+COLUMNS = ("network", "W/A", "method", "top-1", "std", "seeds", "test images", "relative MAC cost", "seconds",
+           "pareto", "source")
+
+
+def table_rows(settings) -> list[dict]:
+    """:func:`cross_paper_rows` of every ``(model, dataset, w_bits, a_bits)`` in ``settings``, in
+    :data:`COLUMNS` order (notebook 08's tables)."""
+    return [{k: r[k] for k in COLUMNS} for s in settings for r in cross_paper_rows(*s)]
