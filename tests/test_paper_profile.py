@@ -230,3 +230,26 @@ def test_notebook_07_paper_path_runs_end_to_end(paper_inputs, tmp_path, monkeypa
     assert len(final) == 1 + 3 and all(r.startswith("5/5,") for r in final[1:])
     ptq = (tmp_path / "outputs" / "figures" / "alq_ptq_paper.csv").read_text().splitlines()
     assert len(ptq) == 1 + 2 and all(r.endswith(",3") for r in ptq[1:])  # per element and per tile, 3 val images
+
+
+def test_notebook_08_paper_path_reads_only_runs_on_the_same_imagenet_inputs(paper_inputs, restore_imagenet_inputs,
+                                                                            tmp_path, monkeypatch):
+    """Notebook 08 re-runs nothing: at the paper profile it tables the ResNet-18/ImageNet records of
+    notebooks 03-07 made with the same data_dir and weights (planted here), and no other."""
+    from lowbit import models, results
+
+    data_dir, state = paper_inputs
+    monkeypatch.setenv("LOWBIT_OUTPUT_DIR", str(tmp_path / "outputs"))
+    imagenet.use(data_dir=str(data_dir), weights=str(state))
+    same = models.imagenet_key("resnet18", "imagenet")
+    for method, acc, key in (("uniform", 60.0, same), ("sq", 65.0, same), ("apot", 99.0, dict(same, imagenet_data="x"))):
+        results.save_result("sq_ptq_run", dict(model="resnet18", dataset="imagenet", method=method, w_bits=4, a_bits=4,
+                                               seed=0, refine=False, universal=5 if method == "sq" else None,
+                                               test_size=8, **key), {"accuracy": acc, "seconds": 1.0})
+    nb = _papermill("08-cross-paper", tmp_path / "08.ipynb",
+                    {"profile": "paper", "data_dir": str(data_dir), "weights": str(state)}, tmp_path, monkeypatch)
+    text = _text(nb)
+    table = (tmp_path / "outputs" / "figures" / "cross_paper_fully_quantized.csv").read_text().splitlines()
+    assert [r.split(",")[2] for r in table[1:]] == ["sq", "uniform"]  # apot ran on another ImageNet folder
+    assert "W/A 4/4: front uniform (60.00 +- 0.00 at 1.00x) -> sq (65.00" in text
+    assert "no cached runs for [('resnet18', 'imagenet', 4, None)" in text

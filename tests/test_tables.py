@@ -226,6 +226,20 @@ def row_stlq():
     return phrases + [f"FP {f2(fp)}"], ["STLQ fine-tuning", "ResNet-20", "select ratio 15 %"]
 
 
+def row_cross_paper():
+    t = _csv("cross_paper_fully_quantized")
+
+    def point(wa, method):
+        r = _one(t, **{"W/A": wa, "method": method})
+        assert r["pareto"] == "True", (wa, method)
+        return f"{method} {f2(r['top-1'])} ± {f2(r['std'])} at {f2(r['relative MAC cost'])}x"
+
+    front = {wa: sorted(r["method"] for r in t if r["W/A"] == wa and r["pareto"] == "True") for wa in ("4/4", "3/3")}
+    assert front == {"4/4": ["two_word_log", "uniform + refine"], "3/3": ["sq + refine", "uniform + refine"]}
+    return [f"W4A4: {point('4/4', 'uniform + refine')}, {point('4/4', 'two_word_log')}",
+            f"W3A3: {point('3/3', 'uniform + refine')}, {point('3/3', 'sq + refine')}"], ["ResNet-20"]
+
+
 # README row (start of "what") -> its check
 CHECKS = {
     "FP baselines": row_fp,
@@ -244,6 +258,7 @@ CHECKS = {
     "nuLSQ vs LSQ QAT, LeNet-5": row_nulsq_lenet,
     "QAT training step": row_qat_bench,
     "STLQ fine-tuning": row_stlq,
+    "cross-paper Pareto front": row_cross_paper,
 }
 
 # numbers in the README with no committed table behind them: (row, exact text, why)
