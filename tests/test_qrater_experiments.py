@@ -186,3 +186,22 @@ def test_probe_ties_counts_searches_decided_by_accuracy_ties_and_by_order():
         probe("b", "bias", 50.0, 49.0),  # one probe: not a search
     ]}
     assert qrater.probe_ties(record) == {"searches": 3, "probes": 7, "accuracy_ties": 2, "target_ties": 1}
+
+
+def test_objective_rows_table_each_study_against_the_best_baseline(monkeypatch):
+    calls = []
+
+    def fake_runs(c, bits_list, variants, seed=0, **extra):
+        calls.append((c["per_class"], tuple(variants), extra))
+        acc = {"MSE": 80.0, "ACIQ": 85.0, "KL": 70.0}
+        probes = [{"layer": "a", "stage": "w_clip", "accuracy": 90.0, "target": t} for t in (1.0, 1.0)]
+        return {(b, v): {"test_accuracy": acc.get(v, 81.0 + c["per_class"]), "calib_accuracy": 99.0, "probes": probes}
+                for b in bits_list for v in variants}
+
+    monkeypatch.setattr(ex.runs, "table1_runs", fake_runs)
+    rows = qrater.objective_rows({"per_class": 10}, [3], [("accuracy", 10, ["(2) clip"]), ("loss", 50, ["(2) clip"])])
+    assert [(r["objective"], r["per class"], r["test top-1"], r["best baseline"], r["baseline top-1"]) for r in rows] == \
+        [("accuracy", 10, 91.0, "ACIQ", 85.0), ("loss", 50, 131.0, "ACIQ", 85.0)]
+    assert rows[0]["accuracy ties"] == rows[0]["target ties"] == 1 and rows[0]["searches"] == 1
+    assert (50, ("(2) clip",), {"objective": "loss"}) in calls and (10, ("(2) clip",), {}) in calls
+    assert [c[0] for c in calls if c[1] == tuple(ex.BASELINES)] == [10, 10]  # baselines: the profile's own subset

@@ -212,6 +212,35 @@ def table1_rows(runs: dict, bits_list, variants) -> list[dict]:
     return rows
 
 
+SEARCHED = ("(1) round", "(2) clip", "(3) bias", "(1)+(2)", "(1)+(2)+(3)")  # the Table 1 columns that probe
+# notebook 05's default ResNet-20/Fashion-MNIST Table 1 setting (its cached runs are keyed on exactly this)
+TABLE1_RESNET20 = dict(model="resnet20", dataset="fashion-mnist", bits=[5, 4, 3], per_class=10, test_n=2000,
+                       layers=list(range(1, 20)), clip_grid=[0.2, 0.4, 0.6, 0.8, 1.0], gamma_n_grid=[-0.5, 0.0, 0.5],
+                       gamma_s_grid=[0.0, 0.5], bo_steps=0)
+
+
+def objective_rows(c: dict, bits_list, studies, seed: int = 0) -> list[dict]:
+    """The objective study: for each ``(objective, per_class, columns)`` in ``studies``, the Table 1
+    runs of profile ``c`` with that objective on ``per_class`` training images per class (cached
+    runs, computed if missing), one row per W/A and column with its test top-1, how its searches
+    were decided (:func:`probe_ties`) and the best clipping baseline of ``c``'s own Table 1 runs."""
+    rows = []
+    for objective, per_class, columns in studies:
+        extra = {} if objective == "accuracy" else {"objective": objective}
+        runs = table1_runs(dict(c, per_class=per_class), bits_list, columns, seed=seed, **extra)
+        for bits in bits_list:
+            base = table1_runs(c, [bits], BASELINES, seed=seed)
+            best = max(BASELINES, key=lambda v: base[bits, v]["test_accuracy"])
+            for v in columns:
+                r, ties = runs[bits, v], probe_ties(runs[bits, v])
+                rows.append({"objective": objective, "per class": per_class, "W/A": f"{bits}/{bits}", "column": v,
+                             "test top-1": r["test_accuracy"], "calib top-1": r["calib_accuracy"],
+                             "searches": ties["searches"], "accuracy ties": ties["accuracy_ties"],
+                             "target ties": ties["target_ties"], "best baseline": best,
+                             "baseline top-1": base[bits, best]["test_accuracy"]})
+    return rows
+
+
 def table2_rows(runs: dict, bo_runs: dict, bits_list) -> list[dict]:
     """Table 2: (1)+(2)+(3) by grid search (``runs[bits, COMBINED]``) vs with BO (``bo_runs[bits]``)."""
     out = []
