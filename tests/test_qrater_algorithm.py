@@ -85,6 +85,92 @@ def test_prefix_cache_agrees_with_full_forward():
     assert "forward" not in vars(dict(m.named_modules())["layer1"])
 
 
+def _fp_labelled(name, n=12, seed=0):
+    """A BN-randomised ``name`` and ``n`` random images labelled with its own FP predictions."""
+    torch.manual_seed(seed)
+    m = _randomize_bn(models.build(name))
+    x = torch.randn(n, 1, 28, 28)
+    with torch.no_grad():
+        y = m(x).argmax(1)
+    return m, x, y
+
+
+def _plain_capture(runner, layer, output=False):
+    """The inputs (outputs) of ``layer`` per batch in a full forward pass: the reference of ``capture``."""
+    got = []
+    mod = runner.modules[layer]
+    if output:
+        h = mod.register_forward_hook(lambda m, i, o: got.append(o.clone()))
+    else:
+        h = mod.register_forward_pre_hook(lambda m, i: got.append(i[0].clone()), prepend=True)
+    for _ in runner.forward_all(use_cache=False):
+        pass
+    h.remove()
+    return got
+
+
+def _same(a, b):
+    return len(a) == len(b) and all(torch.equal(s, t) for s, t in zip(a, b))
+
+
+@pytest.mark.parametrize("name", ["resnet20", "lenet5"])
+def test_cached_probe_runs_from_the_target_on_and_equals_the_full_forward_at_every_layer(name):
+    # Algorithm 1's walk: at each layer, weight probes, the target's input captured, an input
+    # quantizer, bias correction; every probe of the cached path equals the full forward exactly
+    m, x, y = _fp_labelled(name)
+    quant = QuantizedCopy(m, x)
+    runner = PrefixRunner(quant.model, x, y, batch_size=5)  # batches of 5, 5, 2: replays per batch
+    values = []
+    for i, layer in enumerate(quant.order):
+        runner.freeze_before(layer, reuse=True)
+        called = []
+        handles = [quant.modules[n].register_forward_hook(lambda mod, inp, out, n=n: called.append(n))
+                   for n in quant.order]
+        runner.evaluate()
+        for h in handles:
+            h.remove()
+        assert called == quant.order[i:] * 3  # per batch, a cached probe runs the target and what follows only
+        w = quant.fp_weight(layer)
+        for gamma_c in (1.0, 0.4):
+            quant.set_weight(layer, qrater.clip_round_weight(w, gamma_c * float(w.abs().max()), 3, 0.5, 0.5))
+            values.append(runner.evaluate())
+            assert values[-1] == runner.evaluate(use_cache=False)
+        xs = runner.capture(layer)
+        assert _same(xs, _plain_capture(runner, layer)) and len(xs) == 3
+        signed = min(float(t.min()) for t in xs) < 0
+        quant.act[layer] = qrater.ActRounding.at(0.7 * max(float(t.abs().max()) for t in xs), 3, signed, -0.5, 0.5)
+        values.append(runner.evaluate())
+        assert values[-1] == runner.evaluate(use_cache=False)
+        outs = runner.capture(layer, output=True)
+        assert _same(outs, _plain_capture(runner, layer, output=True))
+        quant.set_bias(layer, quant.fp_bias(layer) - 0.1 * channel_mean(outs))
+        values.append(runner.evaluate())
+        assert values[-1] == runner.evaluate(use_cache=False)
+    assert len(set(values)) > len(quant.order)  # the probes really differ from each other
+    # a frozen layer is captured by a plain pass; a backward step falls back to a plain caching pass
+    assert _same(runner.capture(quant.order[1], output=True), _plain_capture(runner, quant.order[1], output=True))
+    runner.freeze_before(quant.order[2], reuse=True)
+    assert runner.evaluate() == runner.evaluate(use_cache=False) == values[-1]
+    runner.release()
+    assert all(a is b for a, b in zip(dict(quant.model.named_modules()).values(), quant.modules.values()))
+    assert runner.evaluate() == values[-1]
+
+
+@pytest.mark.parametrize("name, layers", [("lenet5", None), ("resnet20", [1, 2, 7, 8, 19])])
+def test_run_is_identical_without_the_prefix_cache(name, layers, monkeypatch):
+    # the reference: every probe and capture a full forward pass (nothing is ever frozen)
+    m, x, y = _fp_labelled(name, n=16)
+    kw = dict(search="grid", ops=("clip", "round", "bias"), layers=layers, batch_size=10, clip_grid=[0.5, 1.0],
+              gamma_n_grid=[-0.5, 0.5], gamma_s_grid=[0.5])
+    fast = qrater.run(m, 3, 3, (x, y), **kw)
+    monkeypatch.setattr(PrefixRunner, "freeze_before", lambda self, layer, reuse=False: None)
+    plain = qrater.run(m, 3, 3, (x, y), **kw)
+    assert fast.probes == plain.probes and fast.layers == plain.layers and fast.fp_objective == plain.fp_objective
+    assert len({(p["accuracy"], p["loss"]) for p in fast.probes}) > 10
+    for (n, p), (_, q) in zip(fast.model.state_dict().items(), plain.model.state_dict().items()):
+        assert torch.equal(p, q), n
+
+
 # ----------------------------------------------------------------------------- Algorithm 1
 class Tiny(torch.nn.Module):
     """A small conv net on 1x8x8 inputs, so the Algorithm-1 tests run in seconds."""

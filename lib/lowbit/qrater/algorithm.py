@@ -37,7 +37,7 @@ from ..nn.graph import QUANTIZABLE, model_device
 from .config import ALL_BUT_FIRST, OPTION_NAMES, QRaterConfig
 from .rounding import ActRounding, clip_round_weight
 from .search import GAMMA_C_BOUNDS, clip_space, round_space, search_params
-from .state import PrefixRunner, QuantizedCopy, channel_mean
+from .state import PrefixRunner, QuantizedCopy, channel_mean, output_means
 
 _UNSET = object()  # "not given" (None is a meaningful w_bits / a_bits: keep that tensor FP)
 
@@ -276,12 +276,11 @@ def run(model: nn.Module, w_bits=_UNSET, a_bits=_UNSET, calib=None, search=_UNSE
     selected = select_layers(quant.order, config.layers)
     runner = PrefixRunner(quant.model, images, labels, config.batch_size)
     fp_acc, fp_loss = runner.evaluate(use_cache=False)
-    fp_runner = PrefixRunner(quant.fp, images, labels, config.batch_size)
-    fp_means = {name: channel_mean(fp_runner.capture(name, output=True)) for name in selected}
+    fp_means = output_means(PrefixRunner(quant.fp, images, labels, config.batch_size), selected)
     state = QRaterState(quant, runner, fp_means)
 
     for layer in tqdm(selected, desc="Q-Rater layers", disable=not config.progress):
-        runner.freeze_before(layer)
+        runner.freeze_before(layer, reuse=True)  # forward walk: earlier caches stay exact
         record = {"name": layer, "index": quant.order.index(layer), "order": config.order}
         if config.w_bits is not None:
             record.update(weight_quant(state, layer, config))

@@ -9,13 +9,14 @@ from a cache. BN folding and the forward-order layer walk are the shared ones of
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
 import torch.nn as nn
 
 from ..nn.fold_bn import fold_bn
-from ..nn.graph import module_calls, quantizable_layers
+from ..nn.graph import module_calls, quantizable_layers, set_module
 from .rounding import ActRounding, clip_round_activation
 
 
@@ -70,13 +71,32 @@ class QuantizedCopy:
             self.modules[name].bias.copy_(b)
 
 
+class _Stop(Exception):
+    """Raised by a capture hook once it has what it needs: the rest of the forward pass is skipped."""
+
+
+class _Replay(nn.Module):
+    """Stands in for a frozen module while it is frozen: returns its cached output of the current batch
+    (the module itself, and so its hooks, e.g. the activation quantizer, is not called at all)."""
+
+    def __init__(self, runner: "PrefixRunner", name: str):
+        super().__init__()
+        self.runner, self.name = runner, name
+
+    def forward(self, *args, **kwargs):
+        return self.runner.frozen[self.name][self.runner.batch_idx]
+
+
 class PrefixRunner:
     """Evaluates a model on fixed batches; can replay a frozen prefix from a cache.
 
     :meth:`freeze_before` caches the outputs of the largest modules that finish before the
-    target layer starts (they cannot depend on it) and makes them return the cache, so each
-    probe only recomputes the rest of the network. :meth:`evaluate` with ``use_cache=False``
-    is the plain reference (a full forward pass); tests check that both agree.
+    target layer starts (they cannot depend on it) and puts stand-ins in their place that return
+    the cache, so each probe only runs the target layer and what comes after it (inside a
+    ResNet block the block's input and the outputs of the layers before the target are
+    replayed; the frozen modules' hooks do not run). :meth:`evaluate` with ``use_cache=False``
+    is the plain reference (a full forward pass of the model as it is); tests check that both
+    agree exactly, for every layer of ResNet-20 and LeNet-5.
     """
 
     def __init__(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int):
@@ -92,46 +112,73 @@ class PrefixRunner:
         self.spans = {ev[0]: (ev[2], ev[3]) for ev in events if calls[ev[0]] == 1}
         self.modules = dict(model.named_modules())
 
+    def _put(self, names, replay: bool):
+        """Put the stand-ins (``replay``) or the modules themselves at ``names`` in the model."""
+        for n in names:
+            set_module(self.model, n, _Replay(self, n) if replay else self.modules[n])
+
     def release(self):
         """Undo :meth:`freeze_before`: every module runs its own forward again."""
-        for name in self.frozen:
-            self.modules[name].__dict__.pop("forward", None)
+        self._put(self.frozen, replay=False)
         self.frozen = {}
 
-    def freeze_before(self, layer: str):
-        """Cache what runs before ``layer`` (in its current, quantized state) and replay it."""
-        self.release()
+    def freeze_before(self, layer: str, reuse: bool = False):
+        """Cache what runs before ``layer`` (in its current, quantized state) and replay it.
+
+        The caching pass stops where ``layer`` starts. With ``reuse`` it replays the current
+        cache while it runs, which is exact when nothing the frozen modules compute has changed
+        since they were frozen: Algorithm 1 walks forward and changes only the layer it searched
+        (at or after the previous target). Without it (or when the current cache holds a module
+        that does not finish before ``layer`` starts), the pass is a plain forward.
+        """
         start = self.spans[layer][0]
         cands = {n for n, (s, e) in self.spans.items() if e < start}
         maximal = [n for n in cands if not any(n.startswith(c + ".") for c in cands)]
-        outs: dict[str, list] = {n: [] for n in maximal}
-        handles = [self.modules[n].register_forward_hook(
-            lambda mod, inp, out, n=n: outs[n].append(out)) for n in maximal]
+        old = self.frozen if reuse and all(n in cands for n in self.frozen) else {}
+        if not old:
+            self.release()
+        outs: dict[str, list] = {n: old[n] if n in old else [] for n in maximal}
+        handles = [self.modules[n].register_forward_hook(lambda mod, inp, out, n=n: outs[n].append(out))
+                   for n in maximal if n not in old]
+        handles.append(self.modules[layer].register_forward_pre_hook(_stop, prepend=True))
         try:
-            with torch.inference_mode():
-                for x, _ in self.batches:
-                    self.model(x)
+            self._run_until_stop(use_cache=True)
         finally:
             for h in handles:
                 h.remove()
-        for n in maximal:
-            self.modules[n].forward = (lambda *a, n=n, **k: outs[n][self.batch_idx])
+        self.release()
         self.frozen = outs
+        self._put(outs, replay=True)
+
+    @contextlib.contextmanager
+    def _state(self, use_cache: bool):
+        """Inference mode, with the frozen modules themselves in place of their stand-ins unless ``use_cache``."""
+        plain = not use_cache and bool(self.frozen)
+        if plain:
+            self._put(self.frozen, replay=False)
+        try:
+            with torch.inference_mode():
+                yield
+        finally:
+            if plain:
+                self._put(self.frozen, replay=True)
 
     def forward_all(self, use_cache: bool = True):
         """Yield ``(logits, labels)`` per batch."""
-        saved = None
-        if not use_cache and self.frozen:
-            saved = {n: self.modules[n].__dict__.pop("forward") for n in self.frozen}
-        try:
-            with torch.inference_mode():
-                for i, (x, y) in enumerate(self.batches):
-                    self.batch_idx = i
-                    yield self.model(x), y
-        finally:
-            if saved:
-                for n, fwd in saved.items():
-                    self.modules[n].forward = fwd
+        with self._state(use_cache):
+            for i, (x, y) in enumerate(self.batches):
+                self.batch_idx = i
+                yield self.model(x), y
+
+    def _run_until_stop(self, use_cache: bool):
+        """Run every batch until a hook raises :class:`_Stop` (or to the end)."""
+        with self._state(use_cache):
+            for i, (x, _) in enumerate(self.batches):
+                self.batch_idx = i
+                try:
+                    self.model(x)
+                except _Stop:
+                    pass
 
     def evaluate(self, use_cache: bool = True) -> tuple[float, float]:
         """``(top-1 accuracy %, mean cross-entropy)`` on the fixed batches."""
@@ -143,19 +190,32 @@ class PrefixRunner:
         return 100.0 * correct / n, loss / n
 
     def capture(self, layer: str, output: bool = False) -> list[torch.Tensor]:
-        """The (unquantized) inputs, or the outputs, of ``layer`` per batch."""
+        """The (unquantized) inputs, or the outputs, of ``layer`` per batch.
+
+        Each batch's pass stops at ``layer`` (nothing after it can change what is captured); a
+        frozen layer (or one inside a frozen module) is captured by a plain forward pass.
+        """
         got: list = []
         mod = self.modules[layer]
+
+        def keep(t):
+            got.append(t.detach().clone())
+            raise _Stop
+
         if output:
-            h = mod.register_forward_hook(lambda m, i, o: got.append(o.detach().clone()))
+            h = mod.register_forward_hook(lambda m, i, o: keep(o))
         else:
-            h = mod.register_forward_pre_hook(lambda m, i: got.append(i[0].detach().clone()), prepend=True)
+            h = mod.register_forward_pre_hook(lambda m, i: keep(i[0]), prepend=True)
+        inside = any(layer == n or layer.startswith(n + ".") for n in self.frozen)
         try:
-            for _ in self.forward_all():
-                pass
+            self._run_until_stop(use_cache=not inside)
         finally:
             h.remove()
         return got
+
+
+def _stop(*_):
+    raise _Stop
 
 
 def channel_mean(outs: list[torch.Tensor]) -> torch.Tensor:
@@ -163,3 +223,17 @@ def channel_mean(outs: list[torch.Tensor]) -> torch.Tensor:
     y = torch.cat(outs)
     dims = [d for d in range(y.ndim) if d != 1]
     return y.mean(dim=dims)
+
+
+def output_means(runner: PrefixRunner, layers: list[str]) -> dict[str, torch.Tensor]:
+    """``{layer: channel_mean(runner.capture(layer, output=True))}`` for ``layers`` in forward order
+    (eq. 7's ``E[W X]`` of the FP model), walking the runner's prefix cache forward so that each
+    capture runs only from the enclosing block to the layer (exact: the model does not change)."""
+    means = {}
+    try:
+        for name in layers:
+            runner.freeze_before(name, reuse=True)
+            means[name] = channel_mean(runner.capture(name, output=True))
+    finally:
+        runner.release()
+    return means
