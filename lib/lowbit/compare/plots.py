@@ -5,10 +5,14 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 
 
-def _panels(groups: dict, title: str):
+def _panels(rows: list[dict], title: str):
+    """A figure with one panel per ``W/A`` of ``rows``: ``(fig, [(ax, W/A, its rows), ...])``."""
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault(r["W/A"], []).append(r)
     fig, axes = plt.subplots(1, len(groups), figsize=(4.6 * len(groups), 4.0), squeeze=False)
     fig.suptitle(title)
-    return fig, axes[0]
+    return fig, [(ax, wa, rs) for ax, (wa, rs) in zip(axes[0], groups.items())]
 
 
 def _points(ax, rows, x: str):
@@ -21,11 +25,8 @@ def _points(ax, rows, x: str):
 
 def accuracy_vs_cost(rows: list[dict], title: str):
     """One panel per ``W/A``: top-1 (mean +- std) against relative MAC cost, the Pareto front in red."""
-    groups: dict = {}
-    for r in rows:
-        groups.setdefault(r["W/A"], []).append(r)
-    fig, axes = _panels(groups, title)
-    for ax, (wa, rs) in zip(axes, groups.items()):
+    fig, panels = _panels(rows, title)
+    for ax, wa, rs in panels:
         _points(ax, rs, "relative MAC cost")
         front = sorted((r["relative MAC cost"], r["top-1"]) for r in rs if r["pareto"])
         if front:
@@ -37,11 +38,8 @@ def accuracy_vs_cost(rows: list[dict], title: str):
 
 def accuracy_vs_compute(rows: list[dict], title: str):
     """One panel per ``W/A``: top-1 against the seconds one run cost (log scale)."""
-    groups: dict = {}
-    for r in rows:
-        groups.setdefault(r["W/A"], []).append(r)
-    fig, axes = _panels(groups, title)
-    for ax, (wa, rs) in zip(axes, groups.items()):
+    fig, panels = _panels(rows, title)
+    for ax, wa, rs in panels:
         _points(ax, rs, "seconds")
         ax.set_xscale("log")
         ax.set_xlim(0.5 * min(r["seconds"] for r in rs), 3 * max(r["seconds"] for r in rs))
