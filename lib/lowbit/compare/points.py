@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..lsq.experiments.runs import _std
 from ..models import imagenet_key
 from ..results import records
 from .cost import relative_mac_cost
@@ -30,12 +31,8 @@ SQ_UNIVERSAL = 5
 QRATER_OPS = ["clip", "round", "bias"]
 
 
-def _std(values) -> float:
-    return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
-
-
 def _row(method: str, source: str, accs, seconds, test_n, w_bits, a_bits, **measured) -> dict:
-    return {"method": method, "source": source, "top-1": float(np.mean(accs)), "std": _std(accs),
+    return {"method": method, "source": source, "top-1": float(np.mean(accs)), "std": _std(np.asarray(accs, dtype=np.float64)),
             "seeds": len(accs), "test images": test_n, "seconds": float(np.mean(seconds)),
             "relative MAC cost": relative_mac_cost(method, w_bits, 8 if a_bits is None else a_bits, **measured)}
 
