@@ -23,7 +23,9 @@ Two implementations that must agree (``tests/test_search.py``):
   of :mod:`lowbit.sq.kernel`, which follows each pair on its own (the default on CPU: much
   faster than the torch path there, because the iteration takes 18-50 small steps per pair).
   On the kernel, ``prune=True`` adds an exact branch and bound over channels
-  (:func:`lowbit.sq.kernel.search_pruned`).
+  (:func:`lowbit.sq.kernel.search_pruned`; ``engine="dp"`` bounds the channels still to come by
+  :func:`lowbit.sq.kernel.channel_lower_bounds`, a lower bound of each channel's loss over every
+  QPS and scale: same result as ``engine="superset"``, the earlier bound, with far fewer pairs).
   Ties: the threshold counts are corrected with the reference's own float distance test, so
   a magnitude on an exact (or rounding-shifted) tie gets the same point as the argmin. Eq. 10's
   sums are grouped by point (prefix-sum differences) where the reference adds term by term: when
@@ -272,7 +274,8 @@ def _winner_losses(rows: np.ndarray, points: np.ndarray, scale: np.ndarray) -> n
 
 def search_qps(weight, bits: int, universal=5, granularity: str = "channel", method: str = "fast",
                tol: float = 1e-5, max_iter: int = 1000, device=None, backend: str = "auto",
-               threads: int | None = None, chunk_queries: int = 1 << 22, prune: bool = True) -> SearchResult:
+               threads: int | None = None, chunk_queries: int = 1 << 22, prune: bool = True,
+               engine: str = "dp") -> SearchResult:
     """The QPS (N-subset of S_U) with the smallest L2 weight-quantization error (API).
 
     SQ Algorithm 1. ``weight``: torch tensor or numpy array; for ``granularity="channel"``
@@ -289,6 +292,10 @@ def search_qps(weight, bits: int, universal=5, granularity: str = "channel", met
     (:func:`lowbit.sq.kernel.search_pruned`): same QPS, scale and loss, but ``losses`` of dropped
     candidates are lower bounds (see ``exact``) and ``iterations`` count evaluated pairs only;
     pass ``prune=False`` for every candidate's total (e.g. a census of the iteration).
+    ``engine`` (pruned kernel only): ``"dp"`` (default) bounds the channels still to come by
+    :func:`lowbit.sq.kernel.dp_lower_bounds`, ``"superset"`` by the earlier, looser bound (kept
+    for ``bench/qps_search.py`` and the tests); both return the same points, scales and loss bit
+    for bit.
     ``loss`` is the sum of ``channel_losses``, the squared errors of the returned points and
     scales through :func:`lowbit.core.points.quantize_to_points`.
     """
@@ -305,6 +312,8 @@ def search_qps(weight, bits: int, universal=5, granularity: str = "channel", met
             raise ValueError(f"unknown backend {backend!r}: use one of {BACKENDS}")
         if not isinstance(prune, bool):
             raise TypeError(f"prune must be True or False, got {prune!r}")
+        if engine not in kernel.ENGINES:
+            raise ValueError(f"unknown engine {engine!r}: use one of {kernel.ENGINES}")
         n_threads = _check_threads(threads)
     rows = weight_rows(weight, granularity)
     s_u = universal_set(universal)
@@ -322,7 +331,8 @@ def search_qps(weight, bits: int, universal=5, granularity: str = "channel", met
             if kernel.load() is None:
                 raise RuntimeError("backend='c' needs a C compiler (cc/gcc, or $CC): use backend='torch'")
             if prune:
-                out = kernel.search_pruned(rows, qps, tol, max_iter, n_threads, TIE_RTOL, universal_points=s_u)
+                out = kernel.search_pruned(rows, qps, tol, max_iter, n_threads, TIE_RTOL, universal_points=s_u,
+                                           engine=engine)
             else:
                 out = kernel.search(rows, qps, tol, max_iter, n_threads)
             losses, scales, iterations, not_converged, pairs, exact = out
