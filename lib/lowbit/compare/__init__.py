@@ -7,6 +7,7 @@ Builds on SQ (Oh, Sim, Kim, Lee, ECCV 2022), Q-Rater (Kim et al., arXiv:2105.018
 package, the one place that reads more than one paper's results.
 """
 from .cost import mac_gates, relative_mac_cost, term_sets  # noqa: F401
-from .points import (COLUMNS, cross_paper_rows, front_lines, lsq_rows, pareto_front, qrater_rows, sq_rows,  # noqa: F401
-                     stlq_rows, table_rows)
+from .points import (COLUMNS, cross_paper_rows, front_lines, lsq_rows, pareto_front, peer_rows, qrater_rows,  # noqa: F401
+                     sq_rows, stlq_rows, table_rows)
+from .peer_runs import cached_peer, iteration_rows, run_grid, run_peer  # noqa: F401
 from . import plots  # noqa: F401

@@ -4,7 +4,8 @@ Every method is put on the datapath its paper (or the field) builds for it, with
 counts of :mod:`lowbit.core.gates` (2:1 MUX = 3, full adder = 7, ...), and divided by the cost of
 a uniform-weight MAC at the same W/A (a sign-magnitude array multiplier, :func:`lowbit.sq.hw.uniform_mac_cost`):
 
-* uniform weights (RTN, + refine, Q-Rater, LSQ): the uniform MAC itself (1.00).
+* uniform weights (RTN, + refine, Q-Rater, LSQ, and the peers AIMET AdaRound and Brevitas GPTQ /
+  learned round, whose 2^b-level signed grid needs the same b-bit multiplier): the uniform MAC itself (1.00).
 * SQ (Oh, Sim, Kim, Lee, *Non-Uniform Step Size Quantization for Accurate Post-Training
   Quantization*, ECCV 2022), Fig. 4a: two MUX shifters (term sets A and B of universal-set option 5),
   an adder, sign and accumulator (:func:`lowbit.sq.hw.sq_mac_cost`).
@@ -25,7 +26,8 @@ from ..core.validation import check_bits
 from ..sq.hw import sq_mac_cost, uniform_mac_cost
 from ..sq.quantizers import apot_terms, log2_points
 
-UNIFORM_DATAPATH = ("uniform", "uniform + refine", "Q-Rater", "LSQ", "nuLSQ")
+UNIFORM_DATAPATH = ("uniform", "uniform + refine", "Q-Rater", "LSQ", "nuLSQ", "AIMET AdaRound", "Brevitas GPTQ",
+                    "Brevitas learned round")
 SHIFT_ADD = ("log2", "two_word_log", "apot", "sq", "sq + refine")
 STLQ = ("STLQ", "STLQ fine-tuned")
 SQ_OPTION = 5  # notebook 03's universal set

@@ -12,7 +12,9 @@ came from (``source``). The methods:
 * notebook 06 (``lsq_run``, Esser et al., *LSQ*, ICLR 2020; Gongyo et al., *nuLSQ*, ACCV 2024): LSQ and
   the best of nuLSQ-A/W/WA by mean top-1 (named in the row);
 * notebook 07 (``alq_ptq``, ``alq_run``, Oh, Sim, Lee, Lee, CVPR 2021): STLQ PTQ and fine-tuned STLQ at
-  select ratio :data:`STLQ_RATIO` (per element), their MAC-weighted NZR and two-cycle fraction.
+  select ratio :data:`STLQ_RATIO` (per element), their MAC-weighted NZR and two-cycle fraction;
+* notebook 08's own peer runs (``peer_run``, :mod:`.peer_runs`, weight-only): AIMET AdaRound at each
+  cached iteration count and Brevitas GPTQ, on notebook 03's calibration draws and test images.
 
 Records are matched on their whole setting (model, data set, bits, the notebooks' defaults named
 below); a record of another setting is never mixed in.
@@ -25,6 +27,7 @@ from ..lsq.experiments.runs import _std
 from ..models import imagenet_key
 from ..results import records
 from .cost import relative_mac_cost
+from .peer_runs import peer_groups, peer_label
 
 STLQ_RATIO = 0.15  # notebook 07's default select ratio
 SQ_UNIVERSAL = 5
@@ -114,11 +117,20 @@ def stlq_rows(model: str, dataset: str, bits: int) -> list[dict]:
     return out
 
 
+def peer_rows(model: str, dataset: str, w_bits: int, calib_size: int = 1024) -> list[dict]:
+    """Notebook 08's cached peer-library runs (weight-only), one row per ``(method, iterations)``."""
+    return [_row(peer_label(method, it), "notebook 08 (peer_run)", [p["accuracy"] for p in ps],
+                 [p["seconds"] for p in ps], n or "all", w_bits, None)
+            for (method, it, n), ps in sorted(peer_groups(model, dataset, w_bits, calib_size).items(), key=str)]
+
+
 def cross_paper_rows(model: str, dataset: str, w_bits: int, a_bits: int | None) -> list[dict]:
     """Every cached method at W/A ``w_bits``/``a_bits`` (``a_bits=None``: weight-only, activations FP;
     costed with 8-bit activations), each row with ``W/A``, ``network`` and ``pareto`` (on the front of
     accuracy vs relative MAC cost among these rows)."""
     rows = sq_rows(model, dataset, w_bits, a_bits) + qrater_rows(model, dataset, w_bits, a_bits)
+    if a_bits is None:
+        rows += peer_rows(model, dataset, w_bits)
     if a_bits == w_bits:
         rows += lsq_rows(model, dataset, w_bits) + stlq_rows(model, dataset, w_bits)
     wa = f"{w_bits}/{'FP' if a_bits is None else a_bits}"
