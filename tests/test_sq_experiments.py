@@ -85,3 +85,28 @@ def test_fixed_qps_and_layer_input_codes():
     codes = hardware.layer_input_codes(hw_model, "conv2", x[:2])
     assert codes.dtype == torch.int64 and codes.shape[:2] == (2, 6)
     assert int(codes.min()) >= 0 and int(codes.max()) <= 255
+
+
+def test_per_layer_search_then_per_channel_scales_never_beats_the_per_channel_search():
+    # the authors' search (one scale per layer, per-channel scales fitted afterwards) against ours (one
+    # scale per channel during the search): ours minimises the very per-channel error both are scored
+    # on, so its error is never larger, and equals the search's own reported loss
+    import torch.nn as nn
+    from lowbit.sq.experiments.universal_sets import layer_scale_search_rows
+    from lowbit.sq.model_search import search_model
+
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Conv2d(4, 6, 3), nn.Conv2d(6, 5, 1), nn.Linear(5, 2))
+    with torch.no_grad():
+        model[1].weight[0] *= 8.0  # one loud channel: a per-layer scale then fits the others badly
+    for bits in (2, 3):
+        rows = layer_scale_search_rows(model, bits, option=5)
+        reported = {r["layer"]: r["loss"] for r in search_model(model, bits, 5)}
+        assert [r["layer"] for r in rows] == ["1", "2"]  # first and last layer are not searched
+        for r in rows:
+            assert r["error, per-channel search"] == pytest.approx(reported[r["layer"]], rel=1e-9)
+            assert r["ratio"] >= 1 - 1e-9
+            if r["same QPS"]:
+                assert r["ratio"] == 1.0
+    assert any(not r["same QPS"] and r["ratio"] > 1.001 for bits in (2, 3)
+               for r in layer_scale_search_rows(model, bits, option=5))

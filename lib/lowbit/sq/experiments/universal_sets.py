@@ -12,12 +12,16 @@ from __future__ import annotations
 import csv
 
 import numpy as np
+import torch
 
 from ... import data, evaluate, models as model_zoo
+from ...nn.graph import quantizable_layers
 from ...paths import project_root
 from ...results import cached
 from ..hw import shifter_cost
 from ..model_search import search_model
+from ..scale import optimal_scale
+from ..search import search_qps
 from ..ptq import FitCache, quantize_model
 from ..universal import CHOSEN_OPTION, PAPER_QPS_COUNT_4BIT, PAPER_SET_SIZE, option_terms, qps_count, set_size
 
@@ -112,3 +116,61 @@ def supplement_table2_rows(records: list[dict]) -> list[dict]:
         "relative HW cost": shifter_cost(r["option"], input_bits=4),
         "top-1 final opt.": final_opt.get((r["model"], r["bits"], r["option"]), "not run"),
     } for r in records]
+
+
+def per_channel_fit_loss(weight, points) -> float:
+    """Eq. 9 summed over output channels when each channel gets its own eqs. 8-10 scale for ``points``."""
+    rows = weight.detach().to("cpu").double().reshape(weight.shape[0], -1).numpy()
+    return float(sum(optimal_scale(row, points).loss for row in rows if np.any(row)))
+
+
+def layer_scale_search_rows(model, bits: int, option: int = 5, tag: str | None = None) -> list[dict]:
+    """The authors' search vs ours, per body layer of ``model`` (every conv/linear but the first and last).
+
+    The SQ authors' code searches each layer's QPS with **one scale for the whole layer** and fits
+    per-channel scales only afterwards; notebook 01 (and :func:`lowbit.sq.ptq.quantize_model`) searches
+    with one scale per output channel (Algorithm 1 with channel granularity). Per layer: the QPS each
+    search picks (ours from the cached model-level search, ``tag``), whether they agree, and the
+    weight error (eq. 9 summed over channels, every channel with its own fitted scale, the same
+    :func:`lowbit.sq.scale.optimal_scale` for both QPS) of each, with their ratio.
+    """
+    ours = {r["layer"]: r for r in search_model(model, bits, option, tag=tag)}
+    rows = []
+    for name, layer in quantizable_layers(model)[1:-1]:
+        w = layer.weight.detach().to("cpu", torch.float64)
+        per_layer = search_qps(w, bits, universal=option, granularity="layer")
+        ch_points = np.asarray(ours[name]["points"], dtype=np.float64)
+        same = bool(np.array_equal(per_layer.points, ch_points))
+        loss_ch = per_channel_fit_loss(w, ch_points)
+        loss_layer = loss_ch if same else per_channel_fit_loss(w, per_layer.points)
+        rows.append({"layer": name, "channels": int(w.shape[0]), "same QPS": same,
+                     "error, per-channel search": loss_ch, "error, per-layer search then per-channel scales": loss_layer,
+                     "ratio": loss_layer / loss_ch if loss_ch > 0 else 1.0})
+    return rows
+
+
+def layer_scale_study(models, bits_list, option: int = 5) -> list[dict]:
+    """:func:`layer_scale_search_rows` of every ``(model, dataset)`` and bit width (the committed FP
+    models, the cached searches of :func:`option_records`), one row per layer with ``model`` and ``bits``."""
+    rows = []
+    for name, dataset in models:
+        model = model_zoo.load_pretrained(name, dataset)
+        for bits in bits_list:
+            rows += [{"model": f"{name}/{dataset}", "bits": bits, **r}
+                     for r in layer_scale_search_rows(model, bits, option, tag=f"{name}-{dataset}")]
+    return rows
+
+
+def layer_scale_summary(rows: list[dict]) -> list[str]:
+    """Per model and bit width: how many layers keep their QPS under the per-layer search, and the
+    weight error that search costs once both get per-channel scales (total and worst layer)."""
+    out = []
+    for key in dict.fromkeys((r["model"], r["bits"]) for r in rows):
+        rs = [r for r in rows if (r["model"], r["bits"]) == key]
+        ours = sum(r["error, per-channel search"] for r in rs)
+        theirs = sum(r["error, per-layer search then per-channel scales"] for r in rs)
+        worst = max(rs, key=lambda r: r["ratio"])
+        out.append(f"{key[0]} W{key[1]}: same QPS in {sum(r['same QPS'] for r in rs)} of {len(rs)} layers; weight "
+                   f"error {100 * (theirs / ours - 1):+.2f} % in total with the per-layer search (worst layer "
+                   f"{worst['layer']}: {worst['ratio']:.3f}x)")
+    return out
