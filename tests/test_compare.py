@@ -125,3 +125,16 @@ def test_cached_peer_run_is_the_adapter_on_notebook_03s_calibration_draw_and_tes
     assert compare.cached_peer("lenet5", "mnist", "brevitas-gptq", 3, seed=1, calib_size=64, test_size=300) == res
     row, = compare.peer_rows("lenet5", "mnist", 3, calib_size=64)
     assert row["top-1"] == res["accuracy"] and row["test images"] == 300
+
+
+def test_qrater_row_takes_the_chosen_objective_and_subset(out_dir):
+    for extra, acc in (({}, 85.0), ({"objective": "loss", "per_class": 50}, 86.0),
+                       ({"objective": "loss", "per_class": 100}, 87.0)):
+        results.save_result("qrater_run", dict(model_name="tiny", dataset="toy", w_bits=3, a_bits=3, search="grid",
+                                               ops=["clip", "round", "bias"], **{"per_class": 10, **extra}),
+                            {"test_accuracy": acc, "seconds": 5.0, "test_n": 100})
+    rows = compare.cross_paper_rows("tiny", "toy", 3, 3)
+    assert [(r["method"], r["top-1"], r["source"]) for r in rows] == [("Q-Rater", 85.0, "notebook 05 (qrater_run)")]
+    row, = compare.table_rows([("tiny", "toy", 3, 3)], qrater=("loss", 100))
+    assert (row["method"], row["top-1"], row["source"]) == ("Q-Rater (loss, 100/class)", 87.0, "notebook 08 (qrater_run)")
+    assert [r["top-1"] for r in compare.qrater_rows("tiny", "toy", 3, 3, "loss")] == [86.0, 87.0]

@@ -234,8 +234,10 @@ def test_notebook_07_paper_path_runs_end_to_end(paper_inputs, tmp_path, monkeypa
 
 def test_notebook_08_paper_path_reads_only_runs_on_the_same_imagenet_inputs(paper_inputs, restore_imagenet_inputs,
                                                                             tmp_path, monkeypatch):
-    """Notebook 08 re-runs nothing: at the paper profile it tables the ResNet-18/ImageNet records of
-    notebooks 03-07 made with the same data_dir and weights (planted here), and no other."""
+    """Notebook 08 re-runs none of notebooks 03-07: at the paper profile it tables the ResNet-18/ImageNet
+    records they made with the same data_dir and weights (planted here), and no other; the peer libraries
+    it runs itself, on the same network and folder (tiny knobs: AIMET AdaRound alone, 1 step, 4 calibration images; GPTQ's adapter is the same
+    path and is tested on LeNet-5)."""
     from lowbit import models, results
 
     data_dir, state = paper_inputs
@@ -247,9 +249,13 @@ def test_notebook_08_paper_path_reads_only_runs_on_the_same_imagenet_inputs(pape
                                                seed=0, refine=False, universal=5 if method == "sq" else None,
                                                test_size=8, **key), {"accuracy": acc, "seconds": 1.0})
     nb = _papermill("08-cross-paper", tmp_path / "08.ipynb",
-                    {"profile": "paper", "data_dir": str(data_dir), "weights": str(state)}, tmp_path, monkeypatch)
+                    {"profile": "paper", "data_dir": str(data_dir), "weights": str(state), "peer_methods": ["aimet-adaround"], "peer_bits": [4],
+                     "peer_calib_size": 4, "peer_test_size": 8, "adaround_iterations": 1}, tmp_path, monkeypatch)
     text = _text(nb)
     table = (tmp_path / "outputs" / "figures" / "cross_paper_fully_quantized.csv").read_text().splitlines()
     assert [r.split(",")[2] for r in table[1:]] == ["sq", "uniform"]  # apot ran on another ImageNet folder
     assert "W/A 4/4: front uniform (60.00 +- 0.00 at 1.00x) -> sq (65.00" in text
-    assert "no cached runs for [('resnet18', 'imagenet', 4, None)" in text
+    # the peers run here, on the same network and ImageNet folder: the weight-only table has them alone
+    peers = (tmp_path / "outputs" / "figures" / "cross_paper_weight_only.csv").read_text().splitlines()
+    assert [r.split(",")[1:3] + r.split(",")[6:7] for r in peers[1:]] == [["4/FP", "AIMET AdaRound (1 it)", "8"]]
+    assert "1 peer runs on 4 calibration images each" in text

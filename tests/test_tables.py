@@ -237,10 +237,31 @@ def row_cross_paper():
         assert r["pareto"] == "True", (wa, method)
         return f"{method} {f2(r['top-1'])} ± {f2(r['std'])} at {f2(r['relative MAC cost'])}x"
 
-    front = {wa: sorted(r["method"] for r in t if r["W/A"] == wa and r["pareto"] == "True") for wa in ("4/4", "3/3")}
-    assert front == {"4/4": ["two_word_log", "uniform + refine"], "3/3": ["sq + refine", "uniform + refine"]}
+    front = {wa: sorted(r["method"] for r in t if r["W/A"] == wa and r["pareto"] == "True")
+             for wa in ("4/4", "3/3", "2/4")}
+    assert front == {"4/4": ["two_word_log", "uniform + refine"], "3/3": ["sq + refine", "uniform + refine"],
+                     "2/4": ["sq + refine", "uniform + refine"]}
     return [f"W4A4: {point('4/4', 'uniform + refine')}, {point('4/4', 'two_word_log')}",
-            f"W3A3: {point('3/3', 'uniform + refine')}, {point('3/3', 'sq + refine')}"], ["ResNet-20"]
+            f"W3A3: {point('3/3', 'uniform + refine')}, {point('3/3', 'sq + refine')}",
+            f"W2A4: {point('2/4', 'uniform + refine')}, {point('2/4', 'sq + refine')}"], ["ResNet-20"]
+
+
+def row_peers():
+    resnet, lenet = _csv("cross_paper_weight_only"), _csv("cross_paper_lenet5_weight_only")
+
+    def point(t, wa, method):
+        r = _one(t, **{"W/A": wa, "method": method})
+        spread = " (one seed" if r["seeds"] == "1" else f" ± {f2(r['std'])} ("
+        return f"{method} {f2(r['top-1'])}{spread}{', ' if r['seeds'] == '1' else ''}{f0(r['seconds'])} s)"
+
+    w3_front = [r["method"] for r in resnet if r["W/A"] == "3/FP" and r["pareto"] == "True"]
+    assert w3_front == ["AIMET AdaRound (250 it)"]  # "the whole front"
+    return ([f"W2: {point(resnet, '2/FP', m)}" if i == 0 else point(resnet, "2/FP", m) for i, m in enumerate(
+                ["Brevitas GPTQ", "AIMET AdaRound (250 it)", "AIMET AdaRound (1000 it)", "uniform + refine",
+                 "sq + refine"])]
+            + [f"W3: {point(resnet, '3/FP', 'AIMET AdaRound (250 it)')}, the whole front"]
+            + [f"W2: {point(lenet, '2/FP', m)}" if i == 0 else point(lenet, "2/FP", m) for i, m in enumerate(
+                ["Brevitas GPTQ", "AIMET AdaRound (2000 it)", "sq + refine"])]), ["ResNet-20", "LeNet-5"]
 
 
 # README row (start of "what") -> its check
@@ -262,6 +283,7 @@ CHECKS = {
     "QAT training step": row_qat_bench,
     "STLQ fine-tuning": row_stlq,
     "cross-paper Pareto front": row_cross_paper,
+    "peer libraries": row_peers,
 }
 
 # numbers in the README with no committed table behind them: (row, exact text, why)

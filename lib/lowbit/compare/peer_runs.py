@@ -17,6 +17,7 @@ import time
 
 import numpy as np
 import torch
+from tqdm import tqdm  # plain bars: tqdm.auto warns in notebooks without ipywidgets
 
 from .. import data, evaluate, models as model_zoo
 from ..peers import METHODS, quantize_with_peer
@@ -73,8 +74,6 @@ def cached_peer(model: str, dataset: str, method: str, w_bits: int, iterations=N
 def run_grid(runs, seeds, calib_size: int, progress: bool = True) -> list[dict]:
     """Every ``(model, dataset, method, w_bits, iterations, test_size)`` of ``runs`` at every seed of
     ``seeds``, cached (a tqdm bar over the runs): ``[{**result, **run, "seed"}]``."""
-    from tqdm.auto import tqdm
-
     todo = [(r, s) for r in runs for s in seeds]
     out = []
     for (model, dataset, method, w_bits, iterations, test_size), seed in tqdm(todo, desc="peer runs",
@@ -103,11 +102,18 @@ def peer_groups(model: str, dataset: str, w_bits: int, calib_size: int | None = 
     return out
 
 
-def iteration_rows(model: str, dataset: str, w_bits: int) -> list[dict]:
+def group_order(item) -> tuple:
+    """Sort key of a :func:`peer_groups` item: by method, then iteration count as a number."""
+    (method, iterations, test_n), _ = item
+    return method, iterations or 0, str(test_n)
+
+
+def iteration_rows(model: str, dataset: str, w_bits: int, calib_size: int | None = None) -> list[dict]:
     """How a peer's accuracy and time move with its iterations per layer: one row per cached
     ``(method, iterations)`` of the setting, mean +- sample std over its seeds."""
     rows = []
-    for (method, iterations, test_n), ps in sorted(peer_groups(model, dataset, w_bits).items(), key=str):
+    groups = peer_groups(model, dataset, w_bits, calib_size)
+    for (method, iterations, test_n), ps in sorted(groups.items(), key=group_order):
         acc = np.array([p["accuracy"] for p in ps], dtype=np.float64)
         rows.append({"network": f"{model}/{dataset}", "W": w_bits, "method": LABELS[method], "iterations": iterations,
                      "top-1": float(acc.mean()), "std": float(acc.std(ddof=1)) if acc.size > 1 else 0.0,

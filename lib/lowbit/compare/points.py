@@ -27,7 +27,7 @@ from ..lsq.experiments.runs import _std
 from ..models import imagenet_key
 from ..results import records
 from .cost import relative_mac_cost
-from .peer_runs import peer_groups, peer_label
+from .peer_runs import group_order, peer_groups, peer_label
 
 STLQ_RATIO = 0.15  # notebook 07's default select ratio
 SQ_UNIVERSAL = 5
@@ -65,16 +65,22 @@ def sq_rows(model: str, dataset: str, w_bits: int, a_bits: int | None) -> list[d
             for (m, n), v in sorted(groups.items(), key=str)]
 
 
-def qrater_rows(model: str, dataset: str, w_bits: int, a_bits: int | None) -> list[dict]:
-    """Notebook 05's Q-Rater (1)+(2)+(3) grid-search run (accuracy objective, every searched layer)."""
+def qrater_rows(model: str, dataset: str, w_bits: int, a_bits: int | None, objective: str = "accuracy",
+                per_class: int | None = None) -> list[dict]:
+    """Q-Rater's (1)+(2)+(3) grid-search run (every searched layer) with ``objective`` on ``per_class``
+    training images per class (``None``: any): notebook 05's Table 1 run (``"accuracy"``) or notebook
+    08's objective study (``"loss"``, named in the row)."""
     def match(c, p):
         return ((c.get("model_name"), c.get("dataset"), c.get("w_bits"), c.get("a_bits")) == (model, dataset, w_bits, a_bits)
-                and c.get("ops") == QRATER_OPS and c.get("search") == "grid" and c.get("objective", "accuracy") == "accuracy"
-                and not {"targets", "order", "bias_mode"} & set(c))
+                and c.get("ops") == QRATER_OPS and c.get("search") == "grid" and c.get("objective", "accuracy") == objective
+                and per_class in (None, c.get("per_class")) and not {"targets", "order", "bias_mode"} & set(c))
 
-    groups = _groups("qrater_run", match, lambda c, p: p["test_n"], lambda c, p: (p["test_accuracy"], p["seconds"]), model, dataset)
-    return [_row("Q-Rater", "notebook 05 (qrater_run)", [a for a, _ in v], [s for _, s in v], n, w_bits, a_bits)
-            for n, v in sorted(groups.items())]
+    groups = _groups("qrater_run", match, lambda c, p: (p["test_n"], c.get("per_class")),
+                     lambda c, p: (p["test_accuracy"], p["seconds"]), model, dataset)
+    method, source = ("Q-Rater", "notebook 05 (qrater_run)") if objective == "accuracy" else \
+        (f"Q-Rater ({objective}, {{}}/class)", "notebook 08 (qrater_run)")
+    return [_row(method.format(k), source, [a for a, _ in v], [s for _, s in v], n, w_bits, a_bits)
+            for (n, k), v in sorted(groups.items())]
 
 
 def lsq_rows(model: str, dataset: str, bits: int) -> list[dict]:
@@ -121,16 +127,18 @@ def peer_rows(model: str, dataset: str, w_bits: int, calib_size: int = 1024) -> 
     """Notebook 08's cached peer-library runs (weight-only), one row per ``(method, iterations)``."""
     return [_row(peer_label(method, it), "notebook 08 (peer_run)", [p["accuracy"] for p in ps],
                  [p["seconds"] for p in ps], n or "all", w_bits, None)
-            for (method, it, n), ps in sorted(peer_groups(model, dataset, w_bits, calib_size).items(), key=str)]
+            for (method, it, n), ps in sorted(peer_groups(model, dataset, w_bits, calib_size).items(), key=group_order)]
 
 
-def cross_paper_rows(model: str, dataset: str, w_bits: int, a_bits: int | None) -> list[dict]:
+def cross_paper_rows(model: str, dataset: str, w_bits: int, a_bits: int | None,
+                     qrater: tuple = ("accuracy", None), peer_calib_size: int = 1024) -> list[dict]:
     """Every cached method at W/A ``w_bits``/``a_bits`` (``a_bits=None``: weight-only, activations FP;
     costed with 8-bit activations), each row with ``W/A``, ``network`` and ``pareto`` (on the front of
-    accuracy vs relative MAC cost among these rows)."""
-    rows = sq_rows(model, dataset, w_bits, a_bits) + qrater_rows(model, dataset, w_bits, a_bits)
+    accuracy vs relative MAC cost among these rows). ``qrater``: ``(objective, per_class)`` of the
+    Q-Rater row (:func:`qrater_rows`); ``peer_calib_size``: the calibration size of the peer rows."""
+    rows = sq_rows(model, dataset, w_bits, a_bits) + qrater_rows(model, dataset, w_bits, a_bits, *qrater)
     if a_bits is None:
-        rows += peer_rows(model, dataset, w_bits)
+        rows += peer_rows(model, dataset, w_bits, peer_calib_size)
     if a_bits == w_bits:
         rows += lsq_rows(model, dataset, w_bits) + stlq_rows(model, dataset, w_bits)
     wa = f"{w_bits}/{'FP' if a_bits is None else a_bits}"
@@ -166,7 +174,8 @@ COLUMNS = ("network", "W/A", "method", "top-1", "std", "seeds", "test images", "
            "pareto", "source")
 
 
-def table_rows(settings) -> list[dict]:
+def table_rows(settings, qrater: tuple = ("accuracy", None), peer_calib_size: int = 1024) -> list[dict]:
     """:func:`cross_paper_rows` of every ``(model, dataset, w_bits, a_bits)`` in ``settings``, in
     :data:`COLUMNS` order (notebook 08's tables)."""
-    return [{k: r[k] for k in COLUMNS} for s in settings for r in cross_paper_rows(*s)]
+    return [{k: r[k] for k in COLUMNS} for s in settings
+            for r in cross_paper_rows(*s, qrater=qrater, peer_calib_size=peer_calib_size)]
