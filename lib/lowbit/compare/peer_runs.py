@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm  # plain bars: tqdm.auto warns in notebooks without ipywidgets
 
 from .. import data, evaluate, models as model_zoo
-from ..peers import METHODS, quantize_with_peer
+from ..peers import METHODS, aimet, brevitas, quantize_with_peer
 from ..peers.common import check_count, version
 from ..results import cached, records
 
@@ -28,7 +28,9 @@ NAME = "peer_run"
 LABELS = {"aimet-adaround": "AIMET AdaRound", "brevitas-gptq": "Brevitas GPTQ",
           "brevitas-learned-round": "Brevitas learned round"}
 ITERATED = ("aimet-adaround", "brevitas-learned-round")  # the methods with an iteration count per layer
-DISTRIBUTIONS = {"aimet-adaround": "aimet-torch", "brevitas-gptq": "brevitas", "brevitas-learned-round": "brevitas"}
+# the PyPI distribution of each method's library (its version is part of a run's cache key)
+DISTRIBUTIONS = {"aimet-adaround": aimet.LIBRARY, "brevitas-gptq": brevitas.LIBRARY,
+                 "brevitas-learned-round": brevitas.LIBRARY}
 
 
 def _config(model: str, dataset: str, method: str, w_bits: int, iterations, seed: int, calib_size: int,
