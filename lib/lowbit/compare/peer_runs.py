@@ -20,6 +20,7 @@ import torch
 from tqdm import tqdm  # plain bars: tqdm.auto warns in notebooks without ipywidgets
 
 from .. import data, evaluate, models as model_zoo
+from ..lsq.experiments.runs import _std
 from ..peers import METHODS, aimet, brevitas, quantize_with_peer
 from ..peers.common import check_count, version
 from ..results import cached, records
@@ -118,7 +119,7 @@ def iteration_rows(model: str, dataset: str, w_bits: int, calib_size: int | None
     for (method, iterations, test_n), ps in sorted(groups.items(), key=group_order):
         acc = np.array([p["accuracy"] for p in ps], dtype=np.float64)
         rows.append({"network": f"{model}/{dataset}", "W": w_bits, "method": LABELS[method], "iterations": iterations,
-                     "top-1": float(acc.mean()), "std": float(acc.std(ddof=1)) if acc.size > 1 else 0.0,
+                     "top-1": float(acc.mean()), "std": _std(acc),
                      "seeds": int(acc.size), "test images": test_n or "all",
                      "seconds": float(np.mean([p["seconds"] for p in ps]))})
     return rows
