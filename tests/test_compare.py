@@ -138,3 +138,11 @@ def test_qrater_row_takes_the_chosen_objective_and_subset(out_dir):
     row, = compare.table_rows([("tiny", "toy", 3, 3)], qrater=("loss", 100))
     assert (row["method"], row["top-1"], row["source"]) == ("Q-Rater (loss, 100/class)", 87.0, "notebook 08 (qrater_run)")
     assert [r["top-1"] for r in compare.qrater_rows("tiny", "toy", 3, 3, "loss")] == [86.0, 87.0]
+    # the same setting on two grids: two rows that name their grids, never one row averaged over both
+    for grid, acc in (([0.5, 1.0], 80.0), ([0.1 * i for i in range(1, 11)], 90.0)):
+        results.save_result("qrater_run", dict(model_name="tiny", dataset="toy", w_bits=2, a_bits=2, search="grid",
+                                               ops=["clip", "round", "bias"], per_class=10, clip_grid=grid,
+                                               gamma_n_grid=[0.0, 0.5], gamma_s_grid=[0.5]),
+                            {"test_accuracy": acc, "seconds": 5.0, "test_n": 100})
+    assert [(r["method"], r["top-1"], r["seeds"]) for r in compare.qrater_rows("tiny", "toy", 2, 2)] == [
+        ("Q-Rater (2+2 probes per tensor)", 80.0, 1), ("Q-Rater (10+2 probes per tensor)", 90.0, 1)]

@@ -17,7 +17,7 @@ import pytest
 
 LIB = Path(__file__).resolve().parents[1] / "lib"
 ROOT = LIB.parent
-INFRASTRUCTURE = {"paths", "results", "utils", "profiles", "plotting", "data", "imagenet", "models", "evaluate",
+INFRASTRUCTURE = {"paths", "results", "utils", "processes", "profiles", "plotting", "data", "imagenet", "models", "evaluate",
                   "train"}
 PAPERS = {"sq", "qrater", "lsq", "alq", "peers"}
 # the declared paper-to-paper edges (docs/ARCHITECTURE.md): ALQ's fine-tuning is QAT with LSQ activations

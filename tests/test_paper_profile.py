@@ -174,7 +174,7 @@ def test_notebook_05_paper_path_runs_end_to_end(paper_inputs, tmp_path, monkeypa
     nb = _papermill("05-qrater", tmp_path / "05.ipynb",
                     {"profile": "paper", "data_dir": str(data_dir), "weights": {"resnet18": str(state)},
                      "paper_bits": [4], "paper_fig_bits": 4, "paper_per_class": 1, "paper_grid": "coarse",
-                     "n_val": 3, "paper_layers": [1, 20]}, tmp_path, monkeypatch)
+                     "n_val": 3, "paper_layers": [20]}, tmp_path, monkeypatch)
     text = _text(nb)
     assert "Q-Rater's ImageNet protocol, Q-Rater Table 1: resnet18 on imagenet" in text
     assert "objective on 1 training images per class" in text and "on 3 test images" in text

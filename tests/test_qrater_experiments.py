@@ -13,8 +13,8 @@ from lowbit.results import config_key
 
 # notebook 05's `default` LeNet-5/MNIST profile (the fields run_config reads)
 LENET = dict(model="lenet5", dataset="mnist", per_class=20, test_n=None, curve_bits=[2], layers=[1, 2, 3, 4],
-             clip_grid=list(qrater.PAPER_CLIP_GRID), gamma_n_grid=[-1.0, -0.75, -0.5, -0.25, 0.0, 0.25, 0.5, 0.75, 1.0],
-             gamma_s_grid=[0.0, 0.5, 1.0], bo_steps=5)
+             clip_grid=list(qrater.PAPER_CLIP_GRID), gamma_n_grid=list(qrater.PAPER_GAMMA_N_GRID),
+             gamma_s_grid=list(qrater.PAPER_GAMMA_S_GRID), bo_steps=5)
 
 
 def test_run_config_keys_match_the_committed_caches():

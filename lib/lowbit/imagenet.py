@@ -38,6 +38,7 @@ SPLIT_FOLDERS = {"train": "train", "val": "val", "test": "val"}  # "test" is an 
 
 
 _ACTIVE: dict = {"data_dir": None, "weights": None}  # this process's paper-scale inputs (:func:`use`)
+_LOADER_WORKERS: list = [None]  # default DataLoader workers of :func:`loader` (None: one per CPU, up to 8)
 
 
 class ImageNetMissingError(FileNotFoundError):
@@ -140,11 +141,20 @@ def image_folder(data_dir, split: str, size: int = 224):
     return ImageFolder(str(root), transform=tf)
 
 
+def set_loader_workers(workers: int | None) -> None:
+    """The default number of :func:`loader` worker processes in this process (``None``: one per CPU,
+    up to 8). :mod:`lowbit.processes` sets 0 in its own workers, which already use a core each."""
+    _LOADER_WORKERS[0] = workers
+
+
 def loader(dataset: Dataset, batch_size: int, *, shuffle: bool = False, device=None, workers: int | None = None,
            seed: int = 0) -> DataLoader:
-    """A ``DataLoader`` with worker processes (default: up to 8, one per CPU) and pinned memory
-    when ``device`` is CUDA; a seeded generator makes the shuffled order reproducible."""
+    """A ``DataLoader`` with worker processes (default: up to 8, one per CPU, or what
+    :func:`set_loader_workers` set) and pinned memory when ``device`` is CUDA; a seeded generator
+    makes the shuffled order reproducible."""
     dev = resolve_device(device, default="cpu")
+    if workers is None:
+        workers = _LOADER_WORKERS[0]
     if workers is None:
         workers = min(8, os.cpu_count() or 1)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,

@@ -200,6 +200,11 @@ def load_result(name: str, config: dict):
     return read_record(path)["payload"]
 
 
+def force_requested() -> bool:
+    """Whether the ``FORCE`` environment variable asks to recompute every cached result (``FORCE=1``)."""
+    return os.environ.get("FORCE", "0") not in ("", "0", "false", "False")
+
+
 def cached(name: str, config: dict, compute: Callable[[], Any], force: bool | None = None):
     """Return the cached result for ``config`` or compute, store and return it.
 
@@ -207,7 +212,7 @@ def cached(name: str, config: dict, compute: Callable[[], Any], force: bool | No
     A corrupt cache file is reported with a warning and recomputed.
     """
     if force is None:
-        force = os.environ.get("FORCE", "0") not in ("", "0", "false", "False")
+        force = force_requested()
     if not force:
         try:
             payload = load_result(name, config)

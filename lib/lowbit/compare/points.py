@@ -75,12 +75,20 @@ def qrater_rows(model: str, dataset: str, w_bits: int, a_bits: int | None, objec
                 and c.get("ops") == QRATER_OPS and c.get("search") == "grid" and c.get("objective", "accuracy") == objective
                 and per_class in (None, c.get("per_class")) and not {"targets", "order", "bias_mode"} & set(c))
 
-    groups = _groups("qrater_run", match, lambda c, p: (p["test_n"], c.get("per_class")),
+    groups = _groups("qrater_run", match, lambda c, p: (p["test_n"], c.get("per_class"), _probes_per_tensor(c)),
                      lambda c, p: (p["test_accuracy"], p["seconds"]), model, dataset)
     method, source = ("Q-Rater", "notebook 05 (qrater_run)") if objective == "accuracy" else \
         (f"Q-Rater ({objective}, {{}}/class)", "notebook 08 (qrater_run)")
-    return [_row(method.format(k), source, [a for a, _ in v], [s for _, s in v], n, w_bits, a_bits)
-            for (n, k), v in sorted(groups.items())]
+    grids = {g for _, _, g in groups}  # runs on different grids are never averaged as if they were seeds
+    return [_row(method.format(k) + (f" ({g[0]}+{g[1]} probes per tensor)" if len(grids) > 1 else ""), source,
+                 [a for a, _ in v], [s for _, s in v], n, w_bits, a_bits)
+            for (n, k, g), v in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0, kv[0][2]))]
+
+
+def _probes_per_tensor(config: dict) -> tuple:
+    """``(clipping, rounding)`` grid probes per tensor of a ``qrater_run`` config (its grid's size)."""
+    n_round = len(config.get("gamma_n_grid", ())) * (len(config.get("gamma_s_grid", ())) if config.get("order", 2) == 2 else 1)
+    return len(config.get("clip_grid", ())), n_round
 
 
 def lsq_rows(model: str, dataset: str, bits: int) -> list[dict]:

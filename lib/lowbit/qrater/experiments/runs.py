@@ -23,8 +23,10 @@ from ...data import as_tensors, head, load_dataset, per_class_subset
 from ...core.validation import device_key
 from ...evaluate import accuracy, checkpoint_accuracy
 from ...models import imagenet_key, load_pretrained
-from ...results import cached, config_key
+from ...processes import check_workers, map_in_processes
+from ...results import cached, config_key, force_requested, load_result
 from ..algorithm import incremental_accuracy, run
+from ..config import OPS, TARGETS
 
 # Table 1 columns: clipping baselines with RTN, and Q-Rater operations (1) round, (2) clip, (3) bias
 TABLE1_VARIANTS = {
@@ -130,7 +132,7 @@ def cached_experiment(c: dict, bits: int, variant: str | None = None, search: st
     ``curve_counts`` and ``curve_n`` to the record.
     """
     config = run_config(c, bits, variant, search, seed, **extra)
-    key = dict(config, **imagenet_key(c["model"], c["dataset"]))
+    key = _run_key(c, config)
     r = cached("qrater_run", key, lambda: experiment(**config))
     if with_curve and "curve" not in r and c.get("curve_n"):
         cconf = dict(run=config_key(key), test_n=c["curve_n"], counts=c["curve_counts"])
@@ -140,10 +142,77 @@ def cached_experiment(c: dict, bits: int, variant: str | None = None, search: st
     return r
 
 
-def table1_runs(c: dict, bits_list, variants=tuple(TABLE1_VARIANTS), seed: int = 0, **extra) -> dict:
+def _run_key(c: dict, config: dict) -> dict:
+    """The ``qrater_run`` cache key of the :func:`run_config` ``config`` of profile ``c``."""
+    return dict(config, **imagenet_key(c["model"], c["dataset"]))
+
+
+def _job_run(c: dict, bits: int, variant, search: str, seed: int, with_curve: bool, extra: dict) -> dict:
+    """One job of :func:`cached_experiments` (module level: it runs in a worker process)."""
+    return cached_experiment(c, bits, variant, search, seed=seed, with_curve=with_curve, **extra)
+
+
+def _probe_estimate(config: dict) -> int:
+    """About how many objective-image forward passes a run costs per layer (to start the longest first)."""
+    ops = config.get("ops", OPS)
+    targets = len(config.get("targets", TARGETS))
+    order = config.get("order", 2)
+    n_round = len(config["gamma_n_grid"]) * (len(config["gamma_s_grid"]) if order == 2 else 1)
+    searches = targets * (("clip" in ops) + ("round" in ops))
+    probes = targets * (len(config["clip_grid"]) * ("clip" in ops) + n_round * ("round" in ops)) + 2 * ("bias" in ops)
+    if config["search"] == "bo":
+        probes += config["bo_steps"] * searches
+    return config["per_class"] * (probes + 1)
+
+
+def cached_experiments(jobs, workers: int = 1, desc: str | None = None) -> list[dict]:
+    """:func:`cached_experiment` of every job, the uncached ones in ``workers`` processes (API).
+
+    A job is ``(c, bits, variant, search, seed, with_curve, extra)`` (``extra``: a dict of
+    :func:`run` options). Runs with a cached record (and curve, where asked) are read here; the
+    others go to :func:`lowbit.processes.map_in_processes`, the costliest first. A worker computes
+    the same record as this process would (same seed, same thread count), so ``workers`` changes the
+    wall time only. ``FORCE=1`` recomputes every job, once. Returns the records in job order.
+    """
+    check_workers(workers)
+    jobs = [tuple(j) for j in jobs]
+    force = force_requested()
+
+    def missing(job):
+        c, bits, variant, search, seed, with_curve, extra = job
+        key = _run_key(c, run_config(c, bits, variant, search, seed, **extra))
+        rec = load_result("qrater_run", key)
+        if force or rec is None:
+            return True
+        return bool(with_curve and "curve" not in rec and c.get("curve_n") and load_result(
+            "qrater_curve", dict(run=config_key(key), test_n=c["curve_n"], counts=c["curve_counts"])) is None)
+
+    def signature(job):
+        c, bits, variant, search, seed, with_curve, extra = job
+        return config_key({"c": c, "run": run_config(c, bits, variant, search, seed, **extra), "curve": with_curve})
+
+    first = {}  # one computation per distinct job
+    for i, job in enumerate(jobs):
+        first.setdefault(signature(job), i)
+    todo = sorted((i for i in first.values() if missing(jobs[i])),
+                  key=lambda i: -_probe_estimate(run_config(*jobs[i][:5], **jobs[i][6])))
+    done = dict(zip(todo, map_in_processes(_job_run, [jobs[i] for i in todo], workers, desc)))
+    out = []
+    for job in jobs:
+        i = first[signature(job)]
+        out.append(done[i] if i in done else _job_run(*job))
+    return out
+
+
+def table1_runs(c: dict, bits_list, variants=tuple(TABLE1_VARIANTS), seed: int = 0, workers: int = 1,
+                **extra) -> dict:
     """``{(bits, variant): record}`` of Table 1 (cached runs, grid search; ``extra`` options of
-    :func:`run`, e.g. ``objective="loss"``)."""
-    return {(bits, v): cached_experiment(c, bits, v, seed=seed, **extra) for bits in bits_list for v in variants}
+    :func:`run`, e.g. ``objective="loss"``; uncached runs in ``workers`` processes,
+    :func:`cached_experiments`)."""
+    keys = [(bits, v) for bits in bits_list for v in variants]
+    recs = cached_experiments([(c, bits, v, "grid", seed, False, extra) for bits, v in keys], workers,
+                              desc=f"Q-Rater Table 1 runs {c['model']}/{c['dataset']}")
+    return dict(zip(keys, recs))
 
 
 def probe_ties(record: dict) -> dict:
@@ -167,29 +236,55 @@ def probe_ties(record: dict) -> dict:
             "target_ties": sum(tied(g, "target") for g in searches)}
 
 
-def figure6_runs(c: dict, bits: int, seed: int = 0) -> dict:
+def _figure_jobs(c: dict, bits: int, seed: int) -> dict:
+    """``{figure: {curve name: job}}`` of Figs. 6-8 (jobs of :func:`cached_experiments`)."""
+    def job(variant, **extra):
+        return (c, bits, variant, "grid", seed, True, extra)
+
+    return {
+        # Fig. 6 / 11: MSE clipping, rounding on W, A, both; 1st vs 2nd order
+        6: {"W RTN / A RTN": job("MSE"), "W Q-Rater / A RTN": job("(1) round", targets=["weight"]),
+            "W RTN / A Q-Rater": job("(1) round", targets=["activation"]), "W/A Q-Rater (2nd order)": job("(1) round"),
+            "W/A Q-Rater (1st order)": job("(1) round", order=1)},
+        # Fig. 7: RTN with MSE / ACIQ / KL / Q-Rater clipping
+        7: {name: job(key) for name, key in [("MSE", "MSE"), ("ACIQ", "ACIQ"), ("KL", "KL"), ("Q-Rater clip", "(2) clip")]},
+        # Fig. 8 / Figs. 18-19: bias correction never / always / selective (RTN, MSE clipping)
+        8: {"never": job("MSE"), "always": job("MSE", bias_mode="always"), "selective (Q-Rater)": job("(3) bias")},
+    }
+
+
+def figure_runs(c: dict, bits: int, seed: int = 0, workers: int = 1, bo_steps: int | None = None) -> dict:
+    """The runs of Figs. 6, 7 and 8 at W/A ``bits``/``bits`` as ``{6: {curve: record}, 7: .., 8: ..}``
+    (:func:`figure6_runs` ... :func:`figure8_runs`), and with ``bo_steps`` also ``"bo"``: Table 2's
+    (1)+(2)+(3) run with that many BO probes per search; the uncached ones all in one pool of
+    ``workers`` processes (:func:`cached_experiments`)."""
+    figs = _figure_jobs(c, bits, seed)
+    jobs = [j for fig in figs.values() for j in fig.values()]
+    if bo_steps is not None:
+        jobs.append((dict(c, bo_steps=bo_steps), bits, COMBINED, "bo", seed, False, {}))
+    recs = iter(cached_experiments(jobs, workers, desc=f"Q-Rater figure runs {c['model']}/{c['dataset']}"))
+    out = {f: {name: next(recs) for name in fig} for f, fig in figs.items()}
+    if bo_steps is not None:
+        out["bo"] = next(recs)
+    return out
+
+
+def figure6_runs(c: dict, bits: int, seed: int = 0, workers: int = 1) -> dict:
     """Fig. 6 / 11: incremental curves with MSE clipping, rounding on W, A, both; 1st vs 2nd order."""
-    def one(variant, **extra):
-        return cached_experiment(c, bits, variant, seed=seed, with_curve=True, **extra)
-
-    return {"W RTN / A RTN": one("MSE"),
-            "W Q-Rater / A RTN": one("(1) round", targets=["weight"]),
-            "W RTN / A Q-Rater": one("(1) round", targets=["activation"]),
-            "W/A Q-Rater (2nd order)": one("(1) round"),
-            "W/A Q-Rater (1st order)": one("(1) round", order=1)}
+    jobs = _figure_jobs(c, bits, seed)[6]
+    return dict(zip(jobs, cached_experiments(list(jobs.values()), workers)))
 
 
-def figure7_runs(c: dict, bits: int, seed: int = 0) -> dict:
+def figure7_runs(c: dict, bits: int, seed: int = 0, workers: int = 1) -> dict:
     """Fig. 7: incremental curves with RTN and MSE / ACIQ / KL / Q-Rater clipping."""
-    return {name: cached_experiment(c, bits, key, seed=seed, with_curve=True)
-            for name, key in [("MSE", "MSE"), ("ACIQ", "ACIQ"), ("KL", "KL"), ("Q-Rater clip", "(2) clip")]}
+    jobs = _figure_jobs(c, bits, seed)[7]
+    return dict(zip(jobs, cached_experiments(list(jobs.values()), workers)))
 
 
-def figure8_runs(c: dict, bits: int, seed: int = 0) -> dict:
+def figure8_runs(c: dict, bits: int, seed: int = 0, workers: int = 1) -> dict:
     """Fig. 8 / Figs. 18-19: bias correction never / always / selective (RTN, MSE clipping)."""
-    return {"never": cached_experiment(c, bits, "MSE", seed=seed, with_curve=True),
-            "always": cached_experiment(c, bits, "MSE", seed=seed, with_curve=True, bias_mode="always"),
-            "selective (Q-Rater)": cached_experiment(c, bits, "(3) bias", seed=seed, with_curve=True)}
+    jobs = _figure_jobs(c, bits, seed)[8]
+    return dict(zip(jobs, cached_experiments(list(jobs.values()), workers)))
 
 
 def sweep(record: dict, stage: str, key: str, fixed: dict | None = None) -> tuple[list, list, str]:
@@ -213,7 +308,9 @@ def table1_rows(runs: dict, bits_list, variants) -> list[dict]:
 
 
 SEARCHED = ("(1) round", "(2) clip", "(3) bias", "(1)+(2)", "(1)+(2)+(3)")  # the Table 1 columns that probe
-# notebook 05's default ResNet-20/Fashion-MNIST Table 1 setting (its cached runs are keyed on exactly this)
+# the coarse-grid ResNet-20/Fashion-MNIST Table 1 setting (5 clipping and 6 rounding probes per tensor, objective
+# on 10 training images per class, first 2,000 test images): notebook 05's default until it moved to the paper's
+# grids (qrater.search_grids("paper")); notebook 08's objective study is keyed on exactly this
 TABLE1_RESNET20 = dict(model="resnet20", dataset="fashion-mnist", bits=[5, 4, 3], per_class=10, test_n=2000,
                        layers=list(range(1, 20)), clip_grid=[0.2, 0.4, 0.6, 0.8, 1.0], gamma_n_grid=[-0.5, 0.0, 0.5],
                        gamma_s_grid=[0.0, 0.5], bo_steps=0)
