@@ -169,7 +169,7 @@ def test_notebook_04_paper_path_runs_end_to_end(paper_inputs, tmp_path, monkeypa
 
 def test_notebook_05_paper_path_runs_end_to_end(paper_inputs, tmp_path, monkeypatch):
     """Q-Rater Tables 1-2 and its figures on torchvision ResNet-18 with an ImageNet objective subset,
-    tiny knobs (two layers, a coarse grid, one image per class)."""
+    tiny knobs (the last layer, a coarse grid, one image per class; the runs in two worker processes)."""
     data_dir, state = paper_inputs
     nb = _papermill("05-qrater", tmp_path / "05.ipynb",
                     {"profile": "paper", "data_dir": str(data_dir), "weights": {"resnet18": str(state)},
