@@ -133,6 +133,29 @@ def test_per_channel_scale_and_fit():
     assert best < float(((log_quantize(w, s, 4) - w) ** 2).mean())
 
 
+def test_scale_fit_is_memoised_on_the_weight_bytes_and_settings(monkeypatch):
+    """fit_stlq_scale fits the same weights and settings once (the runs of notebook 07 that start from one
+    network); the memo's answer equals a fresh fit, a changed weight or setting is fitted afresh, and a
+    caller changing its copy changes nothing."""
+    from lowbit.alq import quantizers as qz
+
+    calls = []
+    real = qz.fit_stlq_scale_uncached
+    monkeypatch.setattr(qz, "fit_stlq_scale_uncached", lambda *a: calls.append(a[1:]) or real(*a))
+    w = _w((8, 36)) * 1.01  # a tensor no other test fits
+    first = fit_stlq_scale(w, 4, 0.15)
+    assert torch.equal(first, real(w, 4, 0.15, None, True)) and len(calls) == 1
+    first.mul_(0)  # the caller's copy
+    again = fit_stlq_scale(w.clone(), 4, 0.15)
+    assert len(calls) == 1 and torch.equal(again, real(w, 4, 0.15, None, True))
+    fit_stlq_scale(w, 4, 0.15, 4)
+    fit_stlq_scale(w, 3, 0.15)
+    changed = w.clone()
+    changed[0, 0] += 1e-3
+    assert torch.equal(fit_stlq_scale(changed, 4, 0.15), real(changed, 4, 0.15, None, True))
+    assert calls == [(4, 0.15, None, True), (4, 0.15, 4, True), (3, 0.15, None, True), (4, 0.15, None, True)]
+
+
 def test_bad_input_raises_clear_errors():
     w = _w()
     for ratio in (-0.1, 1.5, "a", True):

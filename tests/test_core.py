@@ -119,3 +119,22 @@ def test_resolve_device():
         with pytest.raises(ValueError, match="no CUDA GPU"):
             lowbit.quantize_model(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2)), "uniform", 4,
                                   device="cuda")
+
+
+def test_tensor_memo_keeps_copies_and_drops_the_least_recently_used():
+    from lowbit.core.memo import TensorMemo, tensor_digest
+
+    a, b = torch.arange(6.0).reshape(2, 3), torch.arange(6.0).reshape(3, 2)
+    assert tensor_digest(a) != tensor_digest(b) and tensor_digest(a) == tensor_digest(a.clone())
+    assert tensor_digest(a) != tensor_digest(a.double())
+    memo = TensorMemo(2)
+    memo.put(("a",), a)
+    memo.get(("a",)).mul_(0)  # a caller's copy
+    assert torch.equal(memo.get(("a",)), torch.arange(6.0).reshape(2, 3))
+    memo.put(("b",), b)
+    memo.get(("a",))  # "a" is now the most recently used
+    memo.put(("c",), a)
+    assert len(memo) == 2 and ("b",) not in memo and ("a",) in memo and memo.get(("b",)) is None
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="max_size must be a positive int"):
+            TensorMemo(bad)

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..core.memo import TensorMemo, tensor_digest
 from ..core.points import quantize_to_points
 from ..core.validation import check_bits
 
@@ -246,13 +247,28 @@ def _mse(result: STLQResult, w: torch.Tensor) -> float:
 def fit_stlq_scale(w: torch.Tensor, bits: int, select_ratio: float, tile: int | None = None,
                    per_channel: bool = True) -> torch.Tensor:
     """``r * max|w|`` (per output channel, or per layer) with the ``r`` of :data:`SCALE_GRID` that
-    minimises the MSE of :func:`stlq_quantize` (first minimum on a tie)."""
+    minimises the MSE of :func:`stlq_quantize` (first minimum on a tie).
+
+    Memoised per process on the weight's bytes and the settings (:class:`lowbit.core.memo.TensorMemo`):
+    the runs of one notebook that start from the same network fit each layer once."""
     w = _check_weight(w).detach()
-    top = w.abs().reshape(w.shape[0], -1).amax(1) if per_channel and w.ndim > 1 else w.abs().max()
-    top = torch.where(top > 0, top, torch.full_like(top, float(w.abs().max()) or 1.0))
     bits = check_bits(bits, hi=MAX_BITS)
     select_ratio = check_select_ratio(select_ratio)
     tile = check_tile(tile, w)
+    key = (*tensor_digest(w), bits, select_ratio, tile, bool(per_channel))
+    if key not in _SCALE_FITS:
+        _SCALE_FITS.put(key, fit_stlq_scale_uncached(w, bits, select_ratio, tile, per_channel))
+    return _SCALE_FITS.get(key)
+
+
+_SCALE_FITS = TensorMemo(1024)
+
+
+def fit_stlq_scale_uncached(w: torch.Tensor, bits: int, select_ratio: float, tile: int | None = None,
+                            per_channel: bool = True) -> torch.Tensor:
+    """:func:`fit_stlq_scale` computed afresh (no memo), on checked input."""
+    top = w.abs().reshape(w.shape[0], -1).amax(1) if per_channel and w.ndim > 1 else w.abs().max()
+    top = torch.where(top > 0, top, torch.full_like(top, float(w.abs().max()) or 1.0))
     best, best_mse = None, math.inf
     for r in SCALE_GRID:
         mse = _mse(_stlq(w, _check_scale(top * r, w), bits, select_ratio, tile), w)

@@ -26,14 +26,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn as nn
 
+from ..core.memo import TensorMemo, tensor_digest
 from ..core.validation import check_bits, check_choice, resolve_device
 from ..nn.activations import ActQuantizer, attach_activation_quantizers, calibrate_activations
 from ..nn.calibration import all_layer_inputs, calibration_tensor, check_inputs
@@ -108,29 +107,23 @@ class FitCache:
 
     def __init__(self, max_size: int = 512):
         self.max_size = int(max_size)
-        self._fits: OrderedDict[tuple, FittedQuantizer] = OrderedDict()
+        self._fits = TensorMemo(self.max_size)
 
     def __len__(self) -> int:
         return len(self._fits)
 
     @staticmethod
     def key(weight: torch.Tensor, method: str, bits: int, granularity: str, universal=5) -> tuple:
-        w = weight.detach().cpu().contiguous()
-        return (hashlib.sha256(w.numpy().tobytes()).hexdigest(), tuple(w.shape), str(w.dtype),
-                method, int(bits), granularity, repr(universal) if method == "sq" else None)
+        return (*tensor_digest(weight), method, int(bits), granularity, repr(universal) if method == "sq" else None)
 
     def put(self, key: tuple, fq: FittedQuantizer) -> None:
-        self._fits[key] = copy.deepcopy(fq)
-        self._fits.move_to_end(key)
-        while len(self._fits) > self.max_size:
-            self._fits.popitem(last=False)
+        self._fits.put(key, fq)
 
     def fit(self, weight: torch.Tensor, method: str, bits: int, granularity: str, universal=5) -> FittedQuantizer:
         """:func:`lowbit.sq.quantizers.fit_quantizer`, memoised."""
         key = self.key(weight, method, bits, granularity, universal)
         if key in self._fits:
-            self._fits.move_to_end(key)
-            return copy.deepcopy(self._fits[key])
+            return self._fits.get(key)
         fq = fit_quantizer(weight, method, bits, granularity, universal=universal)
         self.put(key, fq)
         return fq
