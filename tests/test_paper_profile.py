@@ -87,7 +87,8 @@ def test_notebook_00_paper_run_without_data_dir_stops_at_setup(tmp_path, monkeyp
 
 SLOW = pytest.mark.skipif(os.environ.get("LOWBIT_SLOW_TESTS", "") in ("", "0"),
                           reason="beyond make test's 15-minute budget on 2 CPU cores (notebook 03: ResNet-18's four "
-                                 "refined models, an estimated 13 min of SQ refinement; notebook 07: about 240 s): "
+                                 "refined models, 297 s measured, 355 s before the fast rounding; notebook 07: "
+                                 "about 240 s): "
                                  "LOWBIT_SLOW_TESTS=1 runs it")
 
 

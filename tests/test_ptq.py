@@ -317,3 +317,48 @@ def test_quantize_model_reproduces_the_search_loss_on_degenerate_channels():
     assert float(err.sum()) == pytest.approx(body.quantizer.info["search_loss"], rel=1e-12)
     assert float(err[0]) == 0.0 and float(torch.as_tensor(body.quantizer.scale)[0]) == 0.0
     assert torch.all(body.weight[0] == 0)
+
+
+def _refine_problem(seed: int, c: int, k: int):
+    """A layer's reconstruction problem as refine_layer builds it: correlated inputs, FP rows near the QPS."""
+    gen = torch.Generator().manual_seed(seed)
+    mix = torch.randn(k, k, generator=gen, dtype=torch.float64) / k ** 0.5 + torch.eye(k, dtype=torch.float64)
+    x = torch.randn(4 * k, k, generator=gen, dtype=torch.float64) @ mix
+    xq = x + 0.05 * torch.randn(x.shape, generator=gen, dtype=torch.float64)  # the quantized network's inputs
+    g, cmat = xq.T @ xq / len(x), xq.T @ x / len(x)
+    w = torch.randn(c, k, generator=gen, dtype=torch.float64) * torch.rand(c, 1, generator=gen, dtype=torch.float64)
+    return w, g, w @ cmat.T
+
+
+@pytest.mark.parametrize("method,bits", [("uniform", 3), ("log2", 3), ("apot", 4)])
+def test_refine_scales_fast_path_chooses_the_reference_scales_and_loss(method, bits):
+    points = qps(method, bits)
+    for seed, (c, k) in enumerate([(6, 9), (16, 72), (32, 144)]):
+        w, g, cw = _refine_problem(seed, c, k)
+        scale = w.abs().amax(1) / max(points)
+        for multipliers in (None, [1.3, 0.7, 0.9, 1.1, 0.55]):  # unsorted, without 1: the reference still starts at 1
+            s_ref, l_ref = lowbit.sq.refine.refine_scales_reference(w, points, scale, g, cw, multipliers)
+            s_fast, l_fast = lowbit.sq.refine.refine_scales(w, points, scale, g, cw, multipliers)
+            assert torch.equal(s_fast, s_ref) and torch.equal(l_fast, l_ref)
+        assert not torch.equal(s_ref, scale)  # the search moved some scale: the comparison is not vacuous
+    with pytest.raises(ValueError, match="multipliers must be a non-empty list"):
+        lowbit.sq.refine.refine_scales(w, points, scale, g, cw, [1.0, -0.5])
+
+
+@pytest.mark.parametrize("block,backend", [(1, "torch"), (5, "torch"), (64, "torch"), (1000, "torch"), (1, "kernel"),
+                                           (5, "kernel"), (64, "kernel"), (1000, "kernel")])
+def test_refine_rounding_fast_path_gives_the_reference_rows(block, backend):
+    for seed, (c, k, method, bits) in enumerate([(8, 27, "uniform", 3), (24, 144, "apot", 4), (16, 200, "uniform", 2)]):
+        w, g, cw = _refine_problem(10 + seed, c, k)
+        points = qps(method, bits)
+        scale = w.abs().amax(1) / max(points) * 0.8
+        ref = lowbit.sq.refine.refine_rounding_reference(w, points, scale, g, cw, sweeps=4)
+        fast = lowbit.sq.refine.refine_rounding(w, points, scale, g, cw, sweeps=4, block=block, backend=backend)
+        assert torch.equal(fast, ref)
+        assert not torch.equal(ref, lowbit.core.points.quantize_to_points(w, points, scale, dim=0))  # it moved weights
+    with pytest.raises(ValueError, match="block must be an integer >= 1"):
+        lowbit.sq.refine.refine_rounding(w, points, scale, g, cw, block=0)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        lowbit.sq.refine.refine_rounding(w, points, scale, g, cw, backend="gpu")
+    with pytest.raises(ValueError, match="needs float64 CPU tensors"):
+        lowbit.sq.refine.refine_rounding(w.float(), points, scale.float(), g.float(), cw.float(), backend="kernel")

@@ -22,9 +22,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..core.points import quantize_rows, quantize_to_points
+from ..core.points import quantize_rows, quantize_to_points, sgn
 from ..nn.calibration import layer_inputs
 from ..nn.im2col import layer_rows, n_rows, rows_at
+from . import refine_kernel
 
 REFINE_MODES = ("scale", "scale+round")
 
@@ -81,13 +82,161 @@ def _recon_loss(q: torch.Tensor, g: torch.Tensor, b: torch.Tensor) -> torch.Tens
     return ((q @ g) * q).sum(1) - 2 * (q * b).sum(1)
 
 
+def _multipliers(multipliers) -> torch.Tensor:
+    if multipliers is None:
+        return torch.linspace(0.5, 1.5, 51, dtype=torch.float64)
+    m = torch.as_tensor(multipliers, dtype=torch.float64).reshape(-1)
+    if len(m) == 0 or not torch.isfinite(m).all() or (m <= 0).any():
+        raise ValueError(f"scale multipliers must be a non-empty list of finite numbers > 0, got {m.tolist()}")
+    return m
+
+
+def _point_index(absw: torch.Tensor, mids: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """The QPS point index of each weight as :func:`quantize_rows` finds it (``|w| / s`` among the mid-points)."""
+    pos = s > 0
+    u = torch.where(pos, absw / torch.where(pos, s, torch.ones_like(s)), torch.zeros_like(absw))
+    return torch.bucketize(u, mids, right=False)
+
+
 def refine_scales(w: torch.Tensor, points, scale: torch.Tensor, g: torch.Tensor, cw: torch.Tensor,
                   multipliers=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel scale search minimising the output reconstruction error (SQ final opt.).
 
     ``w`` (C, K) FP rows, ``scale`` (C,), ``cw = w @ C^T``. Each channel tries
     ``scale * m`` for every multiplier ``m`` (default ``0.5 .. 1.5``, 51 values, incl. 1) with
-    nearest-point rounding and keeps the best. Returns ``(scale, loss)`` (C,).
+    nearest-point rounding and keeps the best: the same choice as :func:`refine_scales_reference`
+    (tested). Returns ``(scale, loss)`` (C,), the loss recomputed from the chosen scales exactly as
+    the reference computes it.
+
+    Fast path: with codes ``z = sgn(w) p[idx]`` (``sgn(0) = 1``, so ``z`` changes exactly where ``idx`` does) and ``q = s m z`` the loss is
+    ``(s m)^2 z^T G z - 2 s m z^T b``. Walking the multipliers in increasing order, a weight's
+    code changes only when ``|w| / (s m)`` crosses a mid-point of the QPS (a few times per weight
+    over the whole range), so ``z @ G`` is updated by the sparse code changes instead of recomputed:
+    about ``C K^2`` multiply-adds in all instead of one ``C K^2`` product per multiplier.
+    """
+    m_all = _multipliers(multipliers)
+    p = torch.as_tensor(np.unique(np.asarray(points, dtype=np.float64)), dtype=w.dtype)
+    s = torch.as_tensor(scale, dtype=w.dtype).reshape(-1)
+    tried = torch.cat([torch.ones(1, dtype=torch.float64), m_all])  # m = 1 first: the reference's start
+    order = torch.argsort(tried, stable=True)
+    losses = torch.empty(len(tried), w.shape[0], dtype=w.dtype)
+    absw, sign, mids = w.abs(), sgn(w), (p[1:] + p[:-1]) / 2
+    idx = gz = None
+    for i in order.tolist():
+        sm = (s * tried[i].to(w.dtype)).reshape(-1, 1)
+        idx_new = _point_index(absw, mids, sm)
+        if idx is None:
+            gz = (sign * p[idx_new]) @ g
+        else:
+            rows, cols = torch.nonzero(idx_new != idx, as_tuple=True)  # row-major order: already coalesced
+            if len(rows):
+                d = sign[rows, cols] * (p[idx_new[rows, cols]] - p[idx[rows, cols]])  # = z_new - z exactly
+                dz = torch.sparse_coo_tensor(torch.stack([rows, cols]), d, w.shape, check_invariants=False,
+                                             is_coalesced=True)
+                gz = torch.sparse.addmm(gz, dz, g)
+        idx = idx_new
+        z = sign * p[idx]
+        losses[i] = sm[:, 0] ** 2 * (z * gz).sum(1) - 2 * sm[:, 0] * (z * cw).sum(1)
+    # the first strict minimum in the reference's order (m = 1, then the multipliers as given)
+    best = torch.zeros(w.shape[0], dtype=torch.long)
+    best_l = losses[0].clone()
+    for i in range(1, len(tried)):
+        better = losses[i] < best_l
+        best, best_l = torch.where(better, i, best), torch.where(better, losses[i], best_l)
+    best_s = s * tried.to(w.dtype)[best]
+    return best_s, _recon_loss(quantize_rows(w, points, best_s), g, cw)
+
+
+def _rounding_start(w: torch.Tensor, points, scale: torch.Tensor):
+    """``(q, lo, hi)``: nearest rounding of ``w`` and each weight's two QPS neighbours ``+-scale_c p``."""
+    p = torch.as_tensor(np.unique(np.asarray(points, dtype=np.float64)), dtype=w.dtype)
+    s = scale.reshape(-1, 1)
+    u = w.abs() / s  # (C, K)
+    lo_idx = (torch.searchsorted(p, u.contiguous(), right=True) - 1).clamp(0, len(p) - 1)
+    hi_idx = (lo_idx + 1).clamp(max=len(p) - 1)
+    sign = torch.sign(w)
+    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+    return quantize_to_points(w, p, scale, dim=0), sign * s * p[lo_idx], sign * s * p[hi_idx]
+
+
+ROUNDING_BACKENDS = ("auto", "kernel", "torch")
+
+
+def _round_block_torch(q, lo, hi, cw, diag, s2, g_blk, gq_blk, d_blk, k0: int) -> int:
+    """One block of the rounding descent in torch, all rows at once (what ``refine.c`` does row by row)."""
+    changed = 0
+    for j in range(g_blk.shape[0]):
+        k = k0 + j
+        cur = q[:, k]
+        alt = torch.where(cur == lo[:, k], hi[:, k], lo[:, k])
+        d = alt - cur
+        delta = d * d * diag[k] + 2 * d * (gq_blk[:, j] - cw[:, k])
+        take = (delta < -1e-12 * diag[k] * s2) & (d != 0)
+        if take.any():
+            d = torch.where(take, d, torch.zeros_like(d))
+            q[:, k] = cur + d
+            d_blk[:, j] = d
+            gq_blk += d[:, None] * g_blk[j][None, :]
+            changed += int(take.sum())
+    return changed
+
+
+def refine_rounding(w: torch.Tensor, points, scale: torch.Tensor, g: torch.Tensor, cw: torch.Tensor,
+                    sweeps: int = 3, block: int = 128, backend: str = "auto") -> torch.Tensor:
+    """Choose each weight's point among its two QPS neighbours to minimise the layer loss.
+
+    AdaRound's up/down choice (Nagel et al. 2020) generalised to any QPS and solved by exact
+    coordinate descent on ``q^T G q - 2 q^T C w`` (all channels at once, ``sweeps`` passes
+    over the K inputs). Starts from nearest rounding; the loss never increases. Returns the
+    quantized rows (C, K), every entry in ``{+-scale_c * p}``.
+
+    Fast path of :func:`refine_rounding_reference` (the same visits in the same order, tested to
+    give the same rows): within a block of ``block`` inputs only the block's columns of ``q @ G``
+    are kept current (rank-1 updates of ``C x block``); the rest of ``q @ G`` is brought up to date
+    once per block by one ``(C, block) @ (block, K)`` product (GPTQ's lazy batch updates, Frantar
+    et al., ICLR 2023, applied to this coordinate descent). Inside a block: ``backend="kernel"`` the
+    compiled ``refine.c`` (:mod:`lowbit.sq.refine_kernel`), ``"torch"`` a torch loop over the
+    block's inputs, ``"auto"`` the kernel for float64 CPU tensors when a C compiler is there; all
+    give the same rows (tested).
+    """
+    if int(block) < 1:
+        raise ValueError(f"block must be an integer >= 1, got {block!r}")
+    if backend not in ROUNDING_BACKENDS:
+        raise ValueError(f"backend must be one of {ROUNDING_BACKENDS}, got {backend!r}")
+    q, cand_lo, cand_hi = _rounding_start(w, points, scale)
+    cw = cw.contiguous()
+    gq = q @ g  # (C, K)
+    diag = torch.diagonal(g).contiguous()
+    s2 = scale.reshape(-1) ** 2
+    on_kernel = backend != "torch" and refine_kernel.usable(q, cand_lo, cand_hi, cw, diag, s2, g)
+    if backend == "kernel" and not on_kernel:
+        raise ValueError("backend='kernel' needs float64 CPU tensors and a C compiler ($CC, cc or gcc): "
+                         "use backend='torch' or 'auto'")
+    round_block = refine_kernel.round_block if on_kernel else _round_block_torch
+    n_in = w.shape[1]
+    for _ in range(sweeps):
+        changed = 0
+        for k0 in range(0, n_in, int(block)):
+            k1 = min(k0 + int(block), n_in)
+            gq_blk = gq[:, k0:k1].clone(memory_format=torch.contiguous_format)  # kept current inside the block
+            d_blk = torch.zeros(w.shape[0], k1 - k0, dtype=w.dtype)
+            moved = round_block(q, cand_lo, cand_hi, cw, diag, s2, g[k0:k1, k0:k1].contiguous(), gq_blk, d_blk, k0)
+            if moved:
+                gq += d_blk @ g[k0:k1]
+                changed += moved
+        if changed == 0:
+            break
+    return q
+
+
+def refine_scales_reference(w: torch.Tensor, points, scale: torch.Tensor, g: torch.Tensor, cw: torch.Tensor,
+                  multipliers=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain reference of :func:`refine_scales`: one full ``q @ G`` product per multiplier.
+
+    ``w`` (C, K) FP rows, ``scale`` (C,), ``cw = w @ C^T``. Each channel tries
+    ``scale * m`` for every multiplier ``m`` (default ``0.5 .. 1.5``, 51 values, incl. 1) with
+    nearest-point rounding and keeps the best (the first strict minimum, starting from ``m = 1``).
+    Returns ``(scale, loss)`` (C,).
     """
     if multipliers is None:
         multipliers = torch.linspace(0.5, 1.5, 51, dtype=torch.float64)
@@ -101,24 +250,19 @@ def refine_scales(w: torch.Tensor, points, scale: torch.Tensor, g: torch.Tensor,
     return best_s, best_l
 
 
-def refine_rounding(w: torch.Tensor, points, scale: torch.Tensor, g: torch.Tensor, cw: torch.Tensor,
+def refine_rounding_reference(w: torch.Tensor, points, scale: torch.Tensor, g: torch.Tensor, cw: torch.Tensor,
                     sweeps: int = 3) -> torch.Tensor:
-    """Choose each weight's point among its two QPS neighbours to minimise the layer loss.
+    """Plain reference of :func:`refine_rounding`: a rank-1 update of all of ``q @ G`` per changed input.
+
+    Chooses each weight's point among its two QPS neighbours to minimise the layer loss.
 
     AdaRound's up/down choice (Nagel et al. 2020) generalised to any QPS and solved by exact
     coordinate descent on ``q^T G q - 2 q^T C w`` (all channels at once, ``sweeps`` passes
     over the K inputs). Starts from nearest rounding; the loss never increases. Returns the
     quantized rows (C, K), every entry in ``{+-scale_c * p}``.
     """
-    p = torch.as_tensor(np.unique(np.asarray(points, dtype=np.float64)), dtype=w.dtype)
     s = scale.reshape(-1, 1)
-    u = w.abs() / s  # (C, K)
-    lo_idx = (torch.searchsorted(p, u.contiguous(), right=True) - 1).clamp(0, len(p) - 1)
-    hi_idx = (lo_idx + 1).clamp(max=len(p) - 1)
-    sign = torch.sign(w)
-    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
-    cand_lo, cand_hi = sign * s * p[lo_idx], sign * s * p[hi_idx]
-    q = quantize_to_points(w, p, scale, dim=0)
+    q, cand_lo, cand_hi = _rounding_start(w, points, scale)
     gq = q @ g  # (C, K)
     diag = torch.diagonal(g)
     for _ in range(sweeps):
