@@ -95,20 +95,74 @@ def test_ties_in_the_selection_go_to_the_lower_index():
     assert select_second_words(e, 0.4).tolist() == [[False, True, True, False, False]]
 
 
+@pytest.mark.parametrize("kernel", [True, False], ids=["quickselect", "kthvalue"])
 @pytest.mark.parametrize("tile", [None, 4])
-def test_fast_selection_is_the_stable_sort(tile):
-    """kthvalue + first ties by index == the first k of a stable descending sort, for every k, on
-    values with many ties (small integers, +-0.0) and on continuous ones."""
+def test_fast_selection_is_the_stable_sort(tile, kernel, monkeypatch):
+    """The k-th largest (the compiled quickselect, or torch.kthvalue without the kernel) + first ties by
+    index == the first k of a stable descending sort, for every k, on values with many ties (small
+    integers, +-0.0) and on continuous ones, in float64 and float32."""
+    from lowbit.alq import stlq_kernel
+
+    if kernel and stlq_kernel.load() is None:
+        pytest.skip("no C compiler")
+    calls = []
+    real = stlq_kernel.top_k_mask
+    monkeypatch.setattr(stlq_kernel, "top_k_mask", lambda u, k: calls.append(k) or real(u, k))
+    if not kernel:
+        monkeypatch.setattr(stlq_kernel, "usable", lambda *t: False)
     g = torch.Generator().manual_seed(3)
     sign = torch.where(torch.rand(6, 16, generator=g) < 0.3, -1.0, 1.0).double()
     tied = torch.randint(0, 4, (6, 16), generator=g).double() * sign  # 0 * -1 = -0.0: both zeros occur
     assert (tied == 0).any() and torch.signbit(tied[tied == 0]).any()
     smooth = torch.rand(6, 16, generator=g, dtype=torch.float64)
-    for e in (tied, smooth):
+    for e in (tied, smooth, tied.float(), smooth.float()):
         units = e.numel() if tile is None else e.numel() // tile
         for k in range(units + 1):
             r = k / units
             assert torch.equal(select_second_words(e, r, tile), select_second_words_reference(e, r, tile)), (k, tile)
+    assert bool(calls) == kernel
+
+
+def test_quickselect_on_a_large_tensor_with_ties_is_the_stable_sort():
+    """The compiled top-k on a million values drawn from 50 levels (every partition full of ties)."""
+    from lowbit.alq import stlq_kernel
+
+    if stlq_kernel.load() is None:
+        pytest.skip("no C compiler")
+    g = torch.Generator().manual_seed(5)
+    e = torch.randint(0, 50, (1000, 1000), generator=g).float()
+    for r in (0.01, 0.15, 0.999):
+        assert torch.equal(select_second_words(e, r), select_second_words_reference(e, r))
+    with pytest.raises(ValueError, match="0 < k"):
+        stlq_kernel.top_k_mask(e.reshape(-1), 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_scale_fit_kernel_gives_the_torch_mse_and_scale(dtype):
+    """fit_stlq_scale's compiled path: each grid point's MSE equals the torch path's (stlq_quantize)
+    bit for bit, so the chosen scale is the same, for bits 2-8, select ratios 0 / 0.15 / 1, per element
+    and per tile, per channel and per layer, conv, linear and 1-D weights with exact zeros."""
+    from lowbit.alq import quantizers as qz, stlq_kernel
+
+    if stlq_kernel.load() is None:
+        pytest.skip("no C compiler")
+    for shape, tiles in (((16, 8, 3, 3), (None, 4)), ((10, 12), (None, 3)), ((33,), (None,))):
+        w = _w(shape, seed=len(shape), dtype=dtype)
+        w.reshape(-1)[:5] = 0.0
+        for bits in (2, 3, 5, 8):
+            for ratio in (0.0, 0.15, 1.0):
+                for tile in tiles:
+                    for per_channel in (True, False):
+                        got = qz.fit_stlq_scale_uncached(w, bits, ratio, tile, per_channel, backend="kernel")
+                        want = qz.fit_stlq_scale_uncached(w, bits, ratio, tile, per_channel, backend="torch")
+                        assert torch.equal(got, want), (shape, bits, ratio, tile, per_channel)
+                        s = qz._check_scale(want * 0.83, w)
+                        assert qz._stlq_mse_kernel(w, s, bits, ratio, tile) == qz._mse(qz._stlq(w, s, bits, ratio, tile), w)
+    assert qz.fit_stlq_scale_uncached(w, 4, 0.15).dtype == dtype
+    with pytest.raises(ValueError, match="backend must be one of"):
+        qz.fit_stlq_scale_uncached(w, 4, 0.15, backend="gpu")
+    with pytest.raises(ValueError, match="float32 or float64 weights on the CPU"):
+        qz.fit_stlq_scale_uncached(w.half(), 4, 0.15, backend="kernel")
 
 
 @pytest.mark.parametrize("tile", [None, 4])

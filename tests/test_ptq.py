@@ -331,18 +331,51 @@ def _refine_problem(seed: int, c: int, k: int):
 
 
 @pytest.mark.parametrize("method,bits", [("uniform", 3), ("log2", 3), ("apot", 4)])
-def test_refine_scales_fast_path_chooses_the_reference_scales_and_loss(method, bits):
+@pytest.mark.parametrize("backend", ["torch", "kernel"])
+def test_refine_scales_fast_path_chooses_the_reference_scales_and_loss(method, bits, backend):
     points = qps(method, bits)
     for seed, (c, k) in enumerate([(6, 9), (16, 72), (32, 144)]):
         w, g, cw = _refine_problem(seed, c, k)
         scale = w.abs().amax(1) / max(points)
         for multipliers in (None, [1.3, 0.7, 0.9, 1.1, 0.55]):  # unsorted, without 1: the reference still starts at 1
             s_ref, l_ref = lowbit.sq.refine.refine_scales_reference(w, points, scale, g, cw, multipliers)
-            s_fast, l_fast = lowbit.sq.refine.refine_scales(w, points, scale, g, cw, multipliers)
+            s_fast, l_fast = lowbit.sq.refine.refine_scales(w, points, scale, g, cw, multipliers, backend=backend)
             assert torch.equal(s_fast, s_ref) and torch.equal(l_fast, l_ref)
         assert not torch.equal(s_ref, scale)  # the search moved some scale: the comparison is not vacuous
     with pytest.raises(ValueError, match="multipliers must be a non-empty list"):
-        lowbit.sq.refine.refine_scales(w, points, scale, g, cw, [1.0, -0.5])
+        lowbit.sq.refine.refine_scales(w, points, scale, g, cw, [1.0, -0.5], backend=backend)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        lowbit.sq.refine.refine_scales(w, points, scale, g, cw, backend="gpu")
+    with pytest.raises(ValueError, match="needs float64 CPU tensors"):
+        lowbit.sq.refine.refine_scales(w.float(), points, scale.float(), g.float(), cw.float(), backend="kernel")
+
+
+@pytest.mark.parametrize("threads,block", [(1, 2048), (1, 7), (3, 2048), (3, 1)])
+def test_scale_walk_kernel_walks_the_torch_indices_and_losses(threads, block):
+    """The compiled walk of refine_scales (rows split over threads, z @ G updated by column blocks) ends on
+    the torch walk's point indices and gives its losses at every multiplier up to summation order."""
+    from lowbit.sq import refine, refine_kernel
+
+    w, g, cw = _refine_problem(7, 20, 90)
+    points = qps("apot", 4)
+    p = torch.as_tensor(np.unique(points), dtype=torch.float64)
+    mids, s = (p[1:] + p[:-1]) / 2, w.abs().amax(1) / max(points)
+    s[3] = 0.0  # an all-zero scale maps its row to index 0 at every multiplier
+    tried = torch.cat([torch.ones(1, dtype=torch.float64), torch.linspace(0.5, 1.5, 51, dtype=torch.float64)])
+    order = torch.argsort(tried, stable=True)
+    want = refine._scale_walk_torch(w.abs(), lowbit.core.points.sgn(w), p, mids, s, tried, order, g, cw)
+    walk = tried[order]
+    idx = refine._point_index(w.abs(), mids, (s * walk[0]).reshape(-1, 1)).to(torch.int32)
+    gz = (lowbit.core.points.sgn(w) * p[idx.long()]) @ g
+    got = refine_kernel.scale_walk(w.abs(), lowbit.core.points.sgn(w), p, mids, s, walk, g, cw, idx, gz,
+                                   threads=threads, block=block)
+    assert torch.allclose(got, want[order], rtol=1e-12, atol=1e-12)
+    assert torch.equal(idx.long(), refine._point_index(w.abs(), mids, (s * walk[-1]).reshape(-1, 1)))
+    wrong = idx.clone()
+    wrong[0, 0] += 1
+    with pytest.raises(RuntimeError, match="differ from torch's"):
+        refine_kernel.scale_walk(w.abs(), lowbit.core.points.sgn(w), p, mids, s, walk, g, cw, wrong,
+                                 gz.clone(), threads=threads, block=block)
 
 
 @pytest.mark.parametrize("block,backend", [(1, "torch"), (5, "torch"), (64, "torch"), (1000, "torch"), (1, "kernel"),

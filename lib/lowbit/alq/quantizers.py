@@ -42,6 +42,7 @@ import torch
 from ..core.memo import TensorMemo, tensor_digest
 from ..core.points import quantize_to_points
 from ..core.validation import check_bits
+from . import stlq_kernel
 
 MAX_BITS = 8
 SCALE_GRID = torch.linspace(0.3, 1.2, 46).tolist()  # r in scale = r * max|w|, for fit_stlq_scale
@@ -135,14 +136,17 @@ def select_second_words(scaled_error: torch.Tensor, select_ratio: float, tile: i
     """The select tensor (bool, ``scaled_error``'s shape): exact top-k of ``scaled_error`` (per
     element, or per tile of ``tile`` consecutive weights along the input dimension, ranked by their
     sum), ties to the lower flat index. Fast path of :func:`select_second_words_reference` (the
-    same tensor, tested): the k-th largest value by ``torch.kthvalue`` (linear time, no sort),
-    every unit above it, then the first units equal to it by index until ``k`` are chosen."""
+    same tensor, tested): the k-th largest value (by quickselect in the compiled
+    :func:`lowbit.alq.stlq_kernel.top_k_mask` on the CPU, else ``torch.kthvalue``; linear time, no
+    sort), every unit above it, then the first units equal to it by index until ``k`` are chosen."""
     e, units, k, tile = _selection_units(scaled_error, select_ratio, tile)
     n = units.numel()
     if k == 0:
         chosen = torch.zeros(n, dtype=torch.bool, device=e.device)
     elif k >= n:
         chosen = torch.ones(n, dtype=torch.bool, device=e.device)
+    elif stlq_kernel.usable(units):
+        chosen = stlq_kernel.top_k_mask(units, k)
     else:
         threshold = torch.kthvalue(units, n - k + 1).values
         chosen = units > threshold
@@ -264,14 +268,45 @@ def fit_stlq_scale(w: torch.Tensor, bits: int, select_ratio: float, tile: int | 
 _SCALE_FITS = TensorMemo(1024)
 
 
+SCALE_FIT_BACKENDS = ("auto", "kernel", "torch")
+
+
 def fit_stlq_scale_uncached(w: torch.Tensor, bits: int, select_ratio: float, tile: int | None = None,
-                            per_channel: bool = True) -> torch.Tensor:
-    """:func:`fit_stlq_scale` computed afresh (no memo), on checked input."""
+                            per_channel: bool = True, backend: str = "auto") -> torch.Tensor:
+    """:func:`fit_stlq_scale` computed afresh (no memo), on checked input.
+
+    ``backend``: ``"torch"`` evaluates each grid point's MSE with :func:`stlq_quantize`'s own path;
+    ``"kernel"`` with the compiled one-pass kernel of :mod:`lowbit.alq.stlq_kernel` (both words and both
+    squared errors of every weight; the selection and the mean in torch): the same MSE bit for bit, so
+    the same scale (tested); ``"auto"`` the kernel when it loads (float32/float64 on the CPU), else torch."""
+    if backend not in SCALE_FIT_BACKENDS:
+        raise ValueError(f"backend must be one of {SCALE_FIT_BACKENDS}, got {backend!r}")
+    use_kernel = backend == "kernel" or (backend == "auto" and stlq_kernel.usable(w))
+    if use_kernel and not stlq_kernel.usable(w):
+        raise ValueError(f"backend='kernel' needs float32 or float64 weights on the CPU and a C compiler; got "
+                         f"{w.dtype} on {w.device}: use backend='auto' or 'torch'")
     top = w.abs().reshape(w.shape[0], -1).amax(1) if per_channel and w.ndim > 1 else w.abs().max()
     top = torch.where(top > 0, top, torch.full_like(top, float(w.abs().max()) or 1.0))
     best, best_mse = None, math.inf
     for r in SCALE_GRID:
-        mse = _mse(_stlq(w, _check_scale(top * r, w), bits, select_ratio, tile), w)
+        s = _check_scale(top * r, w)
+        mse = _stlq_mse_kernel(w, s, bits, select_ratio, tile) if use_kernel \
+            else _mse(_stlq(w, s, bits, select_ratio, tile), w)
         if mse < best_mse:
             best, best_mse = top * r, mse
     return best
+
+
+def _stlq_mse_kernel(w: torch.Tensor, s: torch.Tensor, bits: int, select_ratio: float, tile: int | None) -> float:
+    """:func:`_mse` of :func:`_stlq` (checked input) by :func:`lowbit.alq.stlq_kernel.stlq_words`: the
+    kernel gives the scaled error indication and both squared errors of every weight, the same
+    elementwise values as the torch path; the selection and the mean are torch's, as there."""
+    if w.ndim == 1 and s.ndim == 1:
+        rows, s_rows = w.reshape(-1, 1), s  # one scale per element
+    else:
+        rows = w.reshape(w.shape[0], -1) if w.ndim > 1 else w.reshape(1, -1)
+        s_rows = s.expand(rows.shape[0]) if s.ndim == 0 else s
+    p = torch.as_tensor(log_points(bits), dtype=torch.float64).to(w.dtype)
+    scaled, sq0, sq1 = (t.reshape(w.shape) for t in stlq_kernel.stlq_words(rows, s_rows, p, (p[1:] + p[:-1]) / 2))
+    selected = select_second_words(scaled, select_ratio, tile)
+    return float(torch.where(selected, sq1, sq0).mean())

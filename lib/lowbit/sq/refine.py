@@ -98,8 +98,11 @@ def _point_index(absw: torch.Tensor, mids: torch.Tensor, s: torch.Tensor) -> tor
     return torch.bucketize(u, mids, right=False)
 
 
+SCALE_BACKENDS = ("auto", "kernel", "torch")
+
+
 def refine_scales(w: torch.Tensor, points, scale: torch.Tensor, g: torch.Tensor, cw: torch.Tensor,
-                  multipliers=None) -> tuple[torch.Tensor, torch.Tensor]:
+                  multipliers=None, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel scale search minimising the output reconstruction error (SQ final opt.).
 
     ``w`` (C, K) FP rows, ``scale`` (C,), ``cw = w @ C^T``. Each channel tries
@@ -113,30 +116,35 @@ def refine_scales(w: torch.Tensor, points, scale: torch.Tensor, g: torch.Tensor,
     code changes only when ``|w| / (s m)`` crosses a mid-point of the QPS (a few times per weight
     over the whole range), so ``z @ G`` is updated by the sparse code changes instead of recomputed:
     about ``C K^2`` multiply-adds in all instead of one ``C K^2`` product per multiplier.
+    ``backend="kernel"``: the walk in the compiled ``refine.c`` (:func:`lowbit.sq.refine_kernel.scale_walk`,
+    column blocks of ``z @ G`` and ``G`` kept in cache, rows over ``torch.get_num_threads()`` threads);
+    ``"torch"``: sparse COO updates (``torch.sparse.addmm``); ``"auto"``: the kernel for float64 CPU
+    tensors when a C compiler is there. Both walk the same indices; their intermediate losses differ
+    only by summation order.
     """
+    if backend not in SCALE_BACKENDS:
+        raise ValueError(f"backend must be one of {SCALE_BACKENDS}, got {backend!r}")
     m_all = _multipliers(multipliers)
     p = torch.as_tensor(np.unique(np.asarray(points, dtype=np.float64)), dtype=w.dtype)
     s = torch.as_tensor(scale, dtype=w.dtype).reshape(-1)
     tried = torch.cat([torch.ones(1, dtype=torch.float64), m_all])  # m = 1 first: the reference's start
     order = torch.argsort(tried, stable=True)
-    losses = torch.empty(len(tried), w.shape[0], dtype=w.dtype)
     absw, sign, mids = w.abs(), sgn(w), (p[1:] + p[:-1]) / 2
-    idx = gz = None
-    for i in order.tolist():
-        sm = (s * tried[i].to(w.dtype)).reshape(-1, 1)
-        idx_new = _point_index(absw, mids, sm)
-        if idx is None:
-            gz = (sign * p[idx_new]) @ g
-        else:
-            rows, cols = torch.nonzero(idx_new != idx, as_tuple=True)  # row-major order: already coalesced
-            if len(rows):
-                d = sign[rows, cols] * (p[idx_new[rows, cols]] - p[idx[rows, cols]])  # = z_new - z exactly
-                dz = torch.sparse_coo_tensor(torch.stack([rows, cols]), d, w.shape, check_invariants=False,
-                                             is_coalesced=True)
-                gz = torch.sparse.addmm(gz, dz, g)
-        idx = idx_new
-        z = sign * p[idx]
-        losses[i] = sm[:, 0] ** 2 * (z * gz).sum(1) - 2 * sm[:, 0] * (z * cw).sum(1)
+    on_kernel = backend != "torch" and refine_kernel.usable(w, g, cw, s)
+    if backend == "kernel" and not on_kernel:
+        raise ValueError("backend='kernel' needs float64 CPU tensors and a C compiler ($CC, cc or gcc): "
+                         "use backend='torch' or 'auto'")
+    if on_kernel:
+        walk = tried.to(w.dtype)[order]
+        idx = _point_index(absw, mids, (s * walk[0]).reshape(-1, 1))
+        gz = ((sign * p[idx]) @ g).contiguous()
+        walked = refine_kernel.scale_walk(absw.contiguous(), sign.contiguous(), p, mids.contiguous(), s.contiguous(),
+                                          walk, g.contiguous(), cw.contiguous(), idx.to(torch.int32).contiguous(), gz,
+                                          threads=torch.get_num_threads())
+        losses = torch.empty_like(walked)
+        losses[order] = walked.to(w.dtype)
+    else:
+        losses = _scale_walk_torch(absw, sign, p, mids, s, tried, order, g, cw)
     # the first strict minimum in the reference's order (m = 1, then the multipliers as given)
     best = torch.zeros(w.shape[0], dtype=torch.long)
     best_l = losses[0].clone()
@@ -145,6 +153,28 @@ def refine_scales(w: torch.Tensor, points, scale: torch.Tensor, g: torch.Tensor,
         best, best_l = torch.where(better, i, best), torch.where(better, losses[i], best_l)
     best_s = s * tried.to(w.dtype)[best]
     return best_s, _recon_loss(quantize_rows(w, points, best_s), g, cw)
+
+
+def _scale_walk_torch(absw, sign, p, mids, s, tried, order, g, cw) -> torch.Tensor:
+    """The losses ``(len(tried), C)`` of :func:`refine_scales`'s walk in torch (sparse COO updates of ``z @ G``)."""
+    losses = torch.empty(len(tried), absw.shape[0], dtype=absw.dtype)
+    idx = gz = None
+    for i in order.tolist():
+        sm = (s * tried[i].to(absw.dtype)).reshape(-1, 1)
+        idx_new = _point_index(absw, mids, sm)
+        if idx is None:
+            gz = (sign * p[idx_new]) @ g
+        else:
+            rows, cols = torch.nonzero(idx_new != idx, as_tuple=True)  # row-major order: already coalesced
+            if len(rows):
+                d = sign[rows, cols] * (p[idx_new[rows, cols]] - p[idx[rows, cols]])  # = z_new - z exactly
+                dz = torch.sparse_coo_tensor(torch.stack([rows, cols]), d, absw.shape, check_invariants=False,
+                                             is_coalesced=True)
+                gz = torch.sparse.addmm(gz, dz, g)
+        idx = idx_new
+        z = sign * p[idx]
+        losses[i] = sm[:, 0] ** 2 * (z * gz).sum(1) - 2 * sm[:, 0] * (z * cw).sum(1)
+    return losses
 
 
 def _rounding_start(w: torch.Tensor, points, scale: torch.Tensor):

@@ -1,15 +1,18 @@
-"""The compiled CPU kernel of SQ's rounding refinement: build, load and call ``refine.c``.
+"""The compiled CPU kernels of SQ's scale and rounding refinement: build, load and call ``refine.c``.
 
 Oh, Sim, Kim, Lee, *Non-Uniform Step Size Quantization for Accurate Post-Training Quantization*
 (SQ, ECCV 2022, doi:10.1007/978-3-031-20083-0_39), sec. 4.1 "final optimization": one block of the
 exact coordinate descent of :func:`lowbit.sq.refine.refine_rounding` (every row, the block's inputs in
-order), the same operations and rounding as that function's torch loop (tested equal). Built and cached
+order), the same operations and rounding as that function's torch loop (tested equal); and the walk of
+:func:`lowbit.sq.refine.refine_scales` over the scale multipliers (:func:`scale_walk`, rows split over
+threads), the same point indices and code changes as its torch loop (tested to choose the same scales). Built and cached
 by :mod:`lowbit.core.ckernel`; without a C compiler :func:`load` returns ``None`` and the torch loop runs.
 """
 from __future__ import annotations
 
 import ctypes
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -22,9 +25,11 @@ _LOCK = threading.Lock()
 
 
 def _declare(dll):
-    i64, dp = ctypes.c_int64, ctypes.POINTER(ctypes.c_double)
+    i64, dp, ip = ctypes.c_int64, ctypes.POINTER(ctypes.c_double), ctypes.POINTER(ctypes.c_int32)
     dll.sq_round_block.argtypes = [i64, i64, i64, i64, dp, dp, dp, dp, dp, dp, dp, dp, dp]
     dll.sq_round_block.restype = i64
+    dll.sq_scale_walk.argtypes = [i64, i64, i64, i64, i64, dp, dp, dp, dp, dp, dp, dp, dp, ip, dp, dp, i64, ip, ip, dp]
+    dll.sq_scale_walk.restype = i64
     return dll
 
 
@@ -43,8 +48,9 @@ def usable(*tensors: torch.Tensor) -> bool:
         and load() is not None
 
 
-def _ptr(t: torch.Tensor):
-    return ctypes.cast(t.data_ptr(), ctypes.POINTER(ctypes.c_double))
+def _ptr(t: torch.Tensor, offset: int = 0):
+    kind = ctypes.c_int32 if t.dtype == torch.int32 else ctypes.c_double
+    return ctypes.cast(t.data_ptr() + offset * t.element_size(), ctypes.POINTER(kind))
 
 
 def round_block(q, lo, hi, cw, diag, s2, g_blk, gq_blk, d_blk, k0: int) -> int:
@@ -56,3 +62,35 @@ def round_block(q, lo, hi, cw, diag, s2, g_blk, gq_blk, d_blk, k0: int) -> int:
     width = g_blk.shape[0]
     return int(load().sq_round_block(n_rows, n_in, k0, width, _ptr(q), _ptr(lo), _ptr(hi), _ptr(cw), _ptr(diag),
                                      _ptr(s2), _ptr(g_blk), _ptr(gq_blk), _ptr(d_blk)))
+
+
+def scale_walk(absw, sign, points, mids, scale, mults, g, cw, idx, gz, threads: int = 1, block: int = 2048):
+    """The losses ``(len(mults), C)`` of every row at every multiplier of ``mults`` (ascending; ``idx`` (C, K)
+    int32 and ``gz`` (C, K) are the point indices and ``z @ G`` at ``mults[0]``, both updated in place): the
+    kernel ``sq_scale_walk`` on ``threads`` chunks of rows at once (ctypes releases the GIL). Every float
+    tensor float64, CPU, contiguous (:func:`usable`)."""
+    n_rows, n_in = absw.shape
+    losses = torch.empty(len(mults), n_rows, dtype=torch.float64)
+    mults = mults.to(torch.float64).contiguous()
+    bounds = [n_rows * i // max(1, threads) for i in range(max(1, threads) + 1)]
+    chunks = [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
+
+    def run(chunk):
+        a, b = chunk
+        n = (b - a) * n_in
+        ch_row, ch_col = torch.empty(n, dtype=torch.int32), torch.empty(n, dtype=torch.int32)
+        ch_d = torch.empty(n, dtype=torch.float64)
+        return load().sq_scale_walk(b - a, n_in, points.numel(), len(mults), block, _ptr(absw, a * n_in),
+                                    _ptr(sign, a * n_in), _ptr(points), _ptr(mids), _ptr(scale, a), _ptr(mults),
+                                    _ptr(g), _ptr(cw, a * n_in), _ptr(idx, a * n_in), _ptr(gz, a * n_in),
+                                    _ptr(losses, a), n_rows, _ptr(ch_row), _ptr(ch_col), _ptr(ch_d))
+
+    if len(chunks) == 1:
+        codes = [run(chunks[0])]
+    else:
+        with ThreadPoolExecutor(len(chunks)) as pool:
+            codes = list(pool.map(run, chunks))
+    if any(c != 0 for c in codes):
+        raise RuntimeError(f"sq_scale_walk returned {codes}: -1, the point indices at the first multiplier "
+                           f"differ from torch's; -2, out of memory")
+    return losses

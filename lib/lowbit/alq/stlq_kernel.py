@@ -1,0 +1,87 @@
+"""The compiled CPU kernel of STLQ's scale fit: build, load and call ``stlq.c``.
+
+Oh, Sim, Lee, Lee, *Automated Log-Scale Quantization for Low-Cost Deep Neural Networks*, CVPR 2021
+(supplement), with STLQ as SQ (Oh, Sim, Kim, Lee, ECCV 2022) sec. 2.1 and eqs. 5-6 describe it: for one
+scale, both log words of every weight, its scaled error indication and its squared error without and with
+the second word, in one pass and with the same rounding as :func:`lowbit.alq.quantizers.stlq_quantize`
+(tested equal). Built and cached by :mod:`lowbit.core.ckernel`; without a C compiler :func:`load` returns
+``None`` and :func:`lowbit.alq.fit_stlq_scale` uses the torch path.
+"""
+from __future__ import annotations
+
+import ctypes
+import threading
+from pathlib import Path
+
+import torch
+
+from ..core import ckernel
+
+SOURCE = Path(__file__).with_name("stlq.c")
+_LIB = None  # None: not tried yet; False: no compiler / build failed; else the ctypes library
+_LOCK = threading.Lock()
+_CTYPES = {torch.float32: ctypes.c_float, torch.float64: ctypes.c_double}
+
+
+def _declare(dll):
+    i64 = ctypes.c_int64
+    for name, ct in (("stlq_words_f32", ctypes.c_float), ("stlq_words_f64", ctypes.c_double)):
+        fn = getattr(dll, name)
+        fn.argtypes = [i64, i64, ctypes.POINTER(ct), ctypes.POINTER(ct), i64] + [ctypes.POINTER(ct)] * 6
+        fn.restype = i64
+    for name, ct in (("stlq_top_k_f32", ctypes.c_float), ("stlq_top_k_f64", ctypes.c_double)):
+        fn = getattr(dll, name)
+        fn.argtypes = [i64, ctypes.POINTER(ct), i64, ctypes.POINTER(ct), ctypes.POINTER(ctypes.c_uint8)]
+        fn.restype = i64
+    return dll
+
+
+def load():
+    """The ctypes library of ``stlq.c``, or ``None`` without a compiler."""
+    global _LIB
+    with _LOCK:
+        if _LIB is None:
+            _LIB = ckernel.load_library(SOURCE, "alq_stlq", _declare) or False
+    return _LIB or None
+
+
+def usable(w: torch.Tensor) -> bool:
+    """Whether the kernel can take ``w`` as it is: float32 or float64 on the CPU, and the kernel loads."""
+    return w.dtype in _CTYPES and w.device.type == "cpu" and load() is not None
+
+
+def _ptr(t: torch.Tensor):
+    return ctypes.cast(t.data_ptr(), ctypes.POINTER(_CTYPES[t.dtype]))
+
+
+def stlq_words(rows: torch.Tensor, scale: torch.Tensor, points: torch.Tensor, mids: torch.Tensor):
+    """``(scaled, sq0, sq1)`` (each ``rows``' shape) of ``rows`` (C, K) with one scale per row (C,): the
+    scaled first-word error ``|w - q1| / s`` and the squared errors ``(q1 - w)^2`` and ``(q1 + q2 - w)^2``.
+    ``points`` are the sorted log magnitudes and ``mids`` their mid-points, all in ``rows``' dtype
+    (:func:`usable`)."""
+    rows = rows.contiguous()
+    dtype = rows.dtype
+    scale, points, mids = (t.to(dtype).contiguous() for t in (scale, points, mids))
+    scaled, sq0, sq1 = (torch.empty_like(rows) for _ in range(3))
+    thr = torch.empty(max(mids.numel(), 1), dtype=dtype)
+    fn = load().stlq_words_f32 if dtype == torch.float32 else load().stlq_words_f64
+    fn(rows.shape[0], rows.shape[1], _ptr(rows), _ptr(scale), points.numel(), _ptr(points), _ptr(mids), _ptr(thr),
+       _ptr(scaled), _ptr(sq0), _ptr(sq1))
+    return scaled, sq0, sq1
+
+
+def top_k_mask(units: torch.Tensor, k: int) -> torch.Tensor:
+    """The bool mask of the exact top-``k`` of the 1-D ``units`` (``0 < k < n``), ties to the lower index:
+    the k-th largest value by quickselect, every unit above it, then the first equal ones by index
+    (:func:`usable` input)."""
+    units = units.contiguous()
+    n = units.numel()
+    if not 0 < k < n:
+        raise ValueError(f"top_k_mask needs 0 < k < {n}, got k={k}")
+    chosen = torch.zeros(n, dtype=torch.uint8)
+    work = torch.empty_like(units)
+    fn = load().stlq_top_k_f32 if units.dtype == torch.float32 else load().stlq_top_k_f64
+    taken = fn(n, _ptr(units), int(k), _ptr(work), ctypes.cast(chosen.data_ptr(), ctypes.POINTER(ctypes.c_uint8)))
+    if taken != k:
+        raise RuntimeError(f"stlq_top_k chose {taken} units, not {k}: non-finite values?")
+    return chosen.bool()
