@@ -139,9 +139,10 @@ def test_quickselect_on_a_large_tensor_with_ties_is_the_stable_sort():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_scale_fit_kernel_gives_the_torch_mse_and_scale(dtype):
-    """fit_stlq_scale's compiled path: each grid point's MSE equals the torch path's (stlq_quantize)
-    bit for bit, so the chosen scale is the same, for bits 2-8, select ratios 0 / 0.15 / 1, per element
-    and per tile, per channel and per layer, conv, linear and 1-D weights with exact zeros."""
+    """The compiled STLQ words: each grid point's MSE of fit_stlq_scale equals the torch path's bit for
+    bit, so the chosen scale is the same, and stlq_quantize's words, values and masks are the torch
+    path's (signs of zeros included), for bits 2-8, select ratios 0 / 0.15 / 1, per element and per
+    tile, per channel and per layer, conv, linear and 1-D weights with exact zeros."""
     from lowbit.alq import quantizers as qz, stlq_kernel
 
     if stlq_kernel.load() is None:
@@ -156,8 +157,14 @@ def test_scale_fit_kernel_gives_the_torch_mse_and_scale(dtype):
                         got = qz.fit_stlq_scale_uncached(w, bits, ratio, tile, per_channel, backend="kernel")
                         want = qz.fit_stlq_scale_uncached(w, bits, ratio, tile, per_channel, backend="torch")
                         assert torch.equal(got, want), (shape, bits, ratio, tile, per_channel)
-                        s = qz._check_scale(want * 0.83, w)
-                        assert qz._stlq_mse_kernel(w, s, bits, ratio, tile) == qz._mse(qz._stlq(w, s, bits, ratio, tile), w)
+                        s = qz.check_scale(want * 0.83, w)
+                        torch_path = qz._stlq(w, s, bits, ratio, tile, words=qz.two_words_torch)
+                        assert qz._stlq_mse_kernel(w, s, bits, ratio, tile) == qz._mse(torch_path, w)
+                        on_kernel = qz._stlq(w, s, bits, ratio, tile)
+                        for field in ("values", "first", "second", "mask", "selected"):
+                            assert torch.equal(getattr(on_kernel, field), getattr(torch_path, field)), field
+                        words = zip(qz.two_words(w, s, bits), qz.two_words_torch(w, s, bits))
+                        assert all(torch.equal(a, b) and torch.equal(a.signbit(), b.signbit()) for a, b in words)
     assert qz.fit_stlq_scale_uncached(w, 4, 0.15).dtype == dtype
     with pytest.raises(ValueError, match="backend must be one of"):
         qz.fit_stlq_scale_uncached(w, 4, 0.15, backend="gpu")

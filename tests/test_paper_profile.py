@@ -2,7 +2,6 @@
 ImageNet folder with a locally saved torchvision state dict (random init), and the clean stop of a
 paper run that lacks its inputs."""
 import json
-import os
 import shlex
 
 import pytest
@@ -85,16 +84,9 @@ def test_notebook_00_paper_run_without_data_dir_stops_at_setup(tmp_path, monkeyp
     assert "needs data_dir and weights" in str(err.value)
 
 
-SLOW = pytest.mark.skipif(os.environ.get("LOWBIT_SLOW_TESTS", "") in ("", "0"),
-                          reason="beyond make test's 15-minute budget on 2 CPU cores (notebook 03: ResNet-18's four "
-                                 "refined models, 297 s measured, 355 s before the fast rounding; notebook 07: "
-                                 "about 240 s): "
-                                 "LOWBIT_SLOW_TESTS=1 runs it")
-
-
-@SLOW
 def test_notebook_03_paper_path_runs_end_to_end(paper_inputs, tmp_path, monkeypatch):
-    """SQ Tables 2-3 and the supplement's Table 2 on ResNet-18/ImageNet, with tiny knobs."""
+    """SQ Tables 2-3 and the supplement's Table 2 on ResNet-18/ImageNet, with tiny knobs (one width each,
+    one seed, 6 images; the four refined models cost most of its ~120 s on 2 cores)."""
     data_dir, state = paper_inputs
     nb = _papermill("03-subset-quantization-ptq", tmp_path / "03.ipynb",
                     {"profile": "paper", "data_dir": str(data_dir), "weights": {"resnet18": str(state)},
@@ -215,17 +207,15 @@ def test_notebook_06_paper_path_runs_end_to_end(paper_inputs, tmp_path, monkeypa
     assert levels.exists() and not (ROOT / "figures" / "nulsq_table_resnet18.csv").exists()
 
 
-@SLOW
 def test_notebook_07_paper_path_runs_end_to_end(paper_inputs, tmp_path, monkeypatch):
     """STLQ on torchvision ResNet-18 with the fake ImageNet: the three fine-tuning runs of one select ratio
     (with and without the select tensor, per tile), STLQ without training and the integer shift MAC, tiny
-    knobs (about 240 s on 2 cores; 410 s before fit_stlq_scale was memoised: the six STLQ initialisations
-    fit ResNet-18's scales on a 46-point grid for only two distinct settings)."""
+    knobs (one seed, one epoch over 6 images, one image through the shift MAC; ~70 s on 2 cores)."""
     data_dir, state = paper_inputs
     nb = _papermill("07-alq-stlq", tmp_path / "07.ipynb",
                     {"profile": "paper", "data_dir": str(data_dir), "weights": {"resnet18": str(state)},
                      "seeds": [0], "bits": [5], "paper_epochs": 1, "paper_train_n": 6, "n_val": 3,
-                     "ptq_ratios": [0.15], "paper_ratios": [0.15], "paper_check_images": 2}, tmp_path, monkeypatch)
+                     "ptq_ratios": [0.15], "paper_ratios": [0.15], "paper_check_images": 1}, tmp_path, monkeypatch)
     text = _text(nb)
     assert "ALQ supplement's final numbers on ImageNet" in text and "CPU-scale analogue" not in text
     assert "19 STLQ layers, integer accumulators exact in every layer: True" in text

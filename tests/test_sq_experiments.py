@@ -110,3 +110,26 @@ def test_per_layer_search_then_per_channel_scales_never_beats_the_per_channel_se
                 assert r["ratio"] == 1.0
     assert any(not r["same QPS"] and r["ratio"] > 1.001 for bits in (2, 3)
                for r in layer_scale_search_rows(model, bits, option=5))
+
+
+def test_run_ptq_cells_share_one_memo_of_fits_and_give_the_fresh_results(monkeypatch):
+    """Notebook 03's cells on one network fit each layer once per process (weight-only, then with
+    activations, then with refinement: the same weight fits); every cell's result equals a run with an
+    empty memo."""
+    from lowbit.sq import ptq
+    from lowbit.sq.experiments import ptq_tables
+
+    calls = []
+    real = ptq.fit_quantizer
+    monkeypatch.setattr(ptq, "fit_quantizer", lambda *a, **k: calls.append(a[1:3]) or real(*a, **k))
+    monkeypatch.setattr(ptq_tables, "_FITS", ptq.FitCache())
+    cells = [dict(a_bits=None), dict(a_bits=8), dict(a_bits=None, refine="scale")]
+    shared = [ptq_tables.run_ptq("lenet5", "mnist", "uniform", 3, calib_size=32, test_size=64, **c) for c in cells]
+    n_layers = len(calls)
+    # LeNet-5's five layers (first and last at 8 bits), fitted by the first cell only
+    assert n_layers == 5 and sorted(calls) == [("uniform", 3)] * 3 + [("uniform", 8)] * 2
+    for c, got in zip(cells, shared):
+        monkeypatch.setattr(ptq_tables, "_FITS", ptq.FitCache())
+        fresh = ptq_tables.run_ptq("lenet5", "mnist", "uniform", 3, calib_size=32, test_size=64, **c)
+        assert (got["accuracy"], got["weight_mse"]) == (fresh["accuracy"], fresh["weight_mse"])
+    assert len(calls) == 4 * n_layers

@@ -32,8 +32,8 @@ import torch
 import torch.nn as nn
 
 from ..lsq.qat import prepare_qat, qat_layers
-from .quantizers import (MAX_BITS, check_select_ratio, check_tile, fit_stlq_scale, log_quantize,
-                         select_second_words, stlq_quantize)
+from .quantizers import (MAX_BITS, check_scale, check_select_ratio, check_tile, check_weight, fit_stlq_scale,
+                         select_second_words, stlq_quantize, two_words)
 from ..core.validation import check_bits
 
 
@@ -58,17 +58,12 @@ class STLQWeight(nn.Module):
         self.initialized.fill_(True)
         return self
 
-    def _view(self, w):
-        return self.scale.reshape(-1, *([1] * (w.ndim - 1)))
-
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if not bool(self.initialized):
             self.initialize(w)
         with torch.no_grad():
-            first = log_quantize(w.detach(), self.scale, self.bits)
-            err = w.detach() - first
-            second = log_quantize(err, self.scale, self.bits)
-            selected = select_second_words(err.abs() / self._view(w), self.select_ratio, self.tile)
+            first, second, scaled = two_words(check_weight(w.detach()), check_scale(self.scale, w), self.bits)
+            selected = select_second_words(scaled, self.select_ratio, self.tile)
             if self.deploy:
                 second = torch.where(selected, second, torch.zeros_like(second))
         e = w - first  # gradient 1 with respect to w: q1 is held constant

@@ -61,7 +61,7 @@ def two_word_log_points(bits: int) -> np.ndarray:
     return np.unique(np.abs(signed[:, None] + signed[None, :]).ravel())
 
 
-def _check_weight(w) -> torch.Tensor:
+def check_weight(w) -> torch.Tensor:
     if not isinstance(w, torch.Tensor):
         raise TypeError(f"weights must be a torch tensor, got {type(w).__name__}")
     if not w.is_floating_point():
@@ -73,7 +73,7 @@ def _check_weight(w) -> torch.Tensor:
     return w
 
 
-def _check_scale(scale, w: torch.Tensor) -> torch.Tensor:
+def check_scale(scale, w: torch.Tensor) -> torch.Tensor:
     s = torch.as_tensor(scale, dtype=w.dtype, device=w.device)
     if s.ndim > 1 or (s.ndim == 1 and s.numel() != w.shape[0]):
         raise ValueError(f"scale must be a number or one value per output channel ({w.shape[0]}), "
@@ -109,8 +109,8 @@ def _scale_view(s: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 def log_quantize(x: torch.Tensor, scale, bits: int) -> torch.Tensor:
     """One log word (SQ eq. 5): the nearest of ``{+-scale * p : p in log_points(bits)}`` (``scale`` a
     number or one per output channel, ``dim 0``)."""
-    x = _check_weight(x)
-    return _log_word(x, _check_scale(scale, x), bits)
+    x = check_weight(x)
+    return _log_word(x, check_scale(scale, x), bits)
 
 
 def _log_word(x: torch.Tensor, s: torch.Tensor, bits: int) -> torch.Tensor:
@@ -185,25 +185,51 @@ class STLQResult:
 def stlq_quantize(w: torch.Tensor, scale, bits: int, select_ratio: float, tile: int | None = None) -> STLQResult:
     """STLQ of ``w``: one log word everywhere, a second one (of the residual) on the
     ``select_ratio`` fraction of weights (or tiles) with the largest scaled first-round error."""
-    w = _check_weight(w)
+    w = check_weight(w)
     bits = check_bits(bits, hi=MAX_BITS)
     select_ratio = check_select_ratio(select_ratio)
     tile = check_tile(tile, w)
-    return _stlq(w, _check_scale(scale, w), bits, select_ratio, tile)
+    return _stlq(w, check_scale(scale, w), bits, select_ratio, tile)
 
 
-def _stlq(w: torch.Tensor, s: torch.Tensor, bits: int, select_ratio: float, tile: int | None) -> STLQResult:
-    """:func:`stlq_quantize` of checked input. The second word is computed only where selected
-    (``log_quantize`` is elementwise, so this is the same as quantizing every residual and masking)."""
-    first = _log_word(w, s, bits)
-    err = w - first
-    selected = select_second_words(err.abs() / _scale_view(s, w), select_ratio, tile)
-    second = torch.zeros_like(w)
-    if selected.any():
-        s_each = _scale_view(s, w).expand_as(w)[selected] if s.ndim else s
-        second[selected] = _log_word(err[selected], s_each, bits)
+def _stlq(w: torch.Tensor, s: torch.Tensor, bits: int, select_ratio: float, tile: int | None,
+          words=None) -> STLQResult:
+    """:func:`stlq_quantize` of checked input: both words of every weight (``words``, default
+    :func:`two_words`; :func:`two_words_torch` for the torch path), the second kept where selected
+    (``log_quantize`` is elementwise, so this is the same as quantizing only the selected residuals, tested)."""
+    first, second_all, scaled = (words or two_words)(w, s, bits)
+    selected = select_second_words(scaled, select_ratio, tile)
+    second = torch.where(selected, second_all, torch.zeros_like(second_all))
     mask = second != 0
     return STLQResult(first + second, first, second, mask, selected, float(mask.double().mean()), s, bits)
+
+
+def two_words(w: torch.Tensor, s: torch.Tensor, bits: int):
+    """``(q1, q2, scaled)`` of checked ``w`` and ``s`` (0-d, or one per output channel): the first log
+    word ``q1 = log_quantize(w)``, the second ``q2 = log_quantize(w - q1)`` of every weight, and the
+    scaled error indication ``|w - q1| / s``. On the CPU (float32/float64) one pass of the compiled
+    :func:`lowbit.alq.stlq_kernel.stlq_words`, else torch; the same values bit for bit (tested)."""
+    if stlq_kernel.usable(w):
+        rows, s_rows = _kernel_rows(w, s)
+        p = torch.as_tensor(log_points(bits), dtype=torch.float64).to(w.dtype)
+        q1, q2, scaled, _, _ = stlq_kernel.stlq_words(rows, s_rows, p, (p[1:] + p[:-1]) / 2, words=True)
+        return q1.reshape(w.shape), q2.reshape(w.shape), scaled.reshape(w.shape)
+    return two_words_torch(w, s, bits)
+
+
+def two_words_torch(w: torch.Tensor, s: torch.Tensor, bits: int):
+    """:func:`two_words` in torch: :func:`log_quantize` of ``w``, then of its residual."""
+    first = _log_word(w, s, bits)
+    err = w - first
+    return first, _log_word(err, s, bits), err.abs() / _scale_view(s, w)
+
+
+def _kernel_rows(w: torch.Tensor, s: torch.Tensor):
+    """``w`` as the kernel's (rows, K) with one scale per row."""
+    if w.ndim == 1 and s.ndim == 1:
+        return w.reshape(-1, 1), s  # one scale per element
+    rows = w.reshape(w.shape[0], -1) if w.ndim > 1 else w.reshape(1, -1)
+    return rows, (s.expand(rows.shape[0]) if s.ndim == 0 else s)
 
 
 def in_two_word_set(result: STLQResult) -> bool:
@@ -255,7 +281,7 @@ def fit_stlq_scale(w: torch.Tensor, bits: int, select_ratio: float, tile: int | 
 
     Memoised per process on the weight's bytes and the settings (:class:`lowbit.core.memo.TensorMemo`):
     the runs of one notebook that start from the same network fit each layer once."""
-    w = _check_weight(w).detach()
+    w = check_weight(w).detach()
     bits = check_bits(bits, hi=MAX_BITS)
     select_ratio = check_select_ratio(select_ratio)
     tile = check_tile(tile, w)
@@ -275,7 +301,7 @@ def fit_stlq_scale_uncached(w: torch.Tensor, bits: int, select_ratio: float, til
                             per_channel: bool = True, backend: str = "auto") -> torch.Tensor:
     """:func:`fit_stlq_scale` computed afresh (no memo), on checked input.
 
-    ``backend``: ``"torch"`` evaluates each grid point's MSE with :func:`stlq_quantize`'s own path;
+    ``backend``: ``"torch"`` evaluates each grid point's MSE with :func:`stlq_quantize`'s torch path;
     ``"kernel"`` with the compiled one-pass kernel of :mod:`lowbit.alq.stlq_kernel` (both words and both
     squared errors of every weight; the selection and the mean in torch): the same MSE bit for bit, so
     the same scale (tested); ``"auto"`` the kernel when it loads (float32/float64 on the CPU), else torch."""
@@ -289,9 +315,9 @@ def fit_stlq_scale_uncached(w: torch.Tensor, bits: int, select_ratio: float, til
     top = torch.where(top > 0, top, torch.full_like(top, float(w.abs().max()) or 1.0))
     best, best_mse = None, math.inf
     for r in SCALE_GRID:
-        s = _check_scale(top * r, w)
+        s = check_scale(top * r, w)
         mse = _stlq_mse_kernel(w, s, bits, select_ratio, tile) if use_kernel \
-            else _mse(_stlq(w, s, bits, select_ratio, tile), w)
+            else _mse(_stlq(w, s, bits, select_ratio, tile, words=two_words_torch), w)
         if mse < best_mse:
             best, best_mse = top * r, mse
     return best
@@ -301,12 +327,8 @@ def _stlq_mse_kernel(w: torch.Tensor, s: torch.Tensor, bits: int, select_ratio: 
     """:func:`_mse` of :func:`_stlq` (checked input) by :func:`lowbit.alq.stlq_kernel.stlq_words`: the
     kernel gives the scaled error indication and both squared errors of every weight, the same
     elementwise values as the torch path; the selection and the mean are torch's, as there."""
-    if w.ndim == 1 and s.ndim == 1:
-        rows, s_rows = w.reshape(-1, 1), s  # one scale per element
-    else:
-        rows = w.reshape(w.shape[0], -1) if w.ndim > 1 else w.reshape(1, -1)
-        s_rows = s.expand(rows.shape[0]) if s.ndim == 0 else s
+    rows, s_rows = _kernel_rows(w, s)
     p = torch.as_tensor(log_points(bits), dtype=torch.float64).to(w.dtype)
-    scaled, sq0, sq1 = (t.reshape(w.shape) for t in stlq_kernel.stlq_words(rows, s_rows, p, (p[1:] + p[:-1]) / 2))
-    selected = select_second_words(scaled, select_ratio, tile)
-    return float(torch.where(selected, sq1, sq0).mean())
+    _, _, scaled, sq0, sq1 = stlq_kernel.stlq_words(rows, s_rows, p, (p[1:] + p[:-1]) / 2, words=False, squares=True)
+    selected = select_second_words(scaled.reshape(w.shape), select_ratio, tile)
+    return float(torch.where(selected, sq1.reshape(w.shape), sq0.reshape(w.shape)).mean())

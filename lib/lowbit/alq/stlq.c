@@ -11,7 +11,8 @@
  *   q2     = (sgn(e) * s) * p[#{j : thr_j < |e|}]    (the second word, used where selected)
  *   sq0    = (q1 - w)^2,  sq1 = ((q1 + q2) - w)^2     (squared error without / with the second word)
  *
- * The selection (top-k of scaled) and the mean stay in torch, so the MSE is torch's own reduction.
+ * q1, q2 (the words, for stlq_quantize and STLQWeight) and sq0, sq1 (for the scale fit) are written where their
+ * output pointers are not NULL. The selection (top-k of scaled) and the MSE's mean stay in torch.
  * Plain C99, no FMA contraction (built by lowbit.core.ckernel); one function per floating type.
  */
 #include <stdint.h>
@@ -24,7 +25,7 @@
 
 #define STLQ_WORDS(T, NAME, ABS)                                                         \
     int64_t NAME(int64_t n_rows, int64_t n_cols, const T *w, const T *s, int64_t n_points, \
-                 const T *p, const T *mids, T *thr, T *scaled, T *sq0, T *sq1) {         \
+                 const T *p, const T *mids, T *thr, T *q1_out, T *q2_out, T *scaled, T *sq0, T *sq1) { \
         int64_t n_mids = n_points - 1;                                                   \
         T a[CHUNK], q1[CHUNK], e[CHUNK];                                                 \
         int32_t cnt[CHUNK];                                                              \
@@ -32,10 +33,8 @@
             T sc = s[c];                                                                 \
             for (int64_t j = 0; j < n_mids; j++) thr[j] = sc * mids[j];                  \
             for (int64_t k0 = 0; k0 < n_cols; k0 += CHUNK) {                             \
-                int64_t n = (n_cols - k0 < CHUNK) ? n_cols - k0 : CHUNK;                 \
-                const T *x = w + c * n_cols + k0;                                        \
-                T *scr = scaled + c * n_cols + k0;                                       \
-                T *s0 = sq0 + c * n_cols + k0, *s1 = sq1 + c * n_cols + k0;              \
+                int64_t n = (n_cols - k0 < CHUNK) ? n_cols - k0 : CHUNK, at = c * n_cols + k0; \
+                const T *x = w + at;                                                     \
                 for (int64_t k = 0; k < n; k++) { a[k] = ABS(x[k]); cnt[k] = 0; }        \
                 for (int64_t j = 0; j < n_mids; j++) {                                   \
                     T t = thr[j];                                                        \
@@ -53,10 +52,11 @@
                 }                                                                        \
                 for (int64_t k = 0; k < n; k++) {                                        \
                     T q2 = ((e[k] < (T)0) ? -sc : sc) * p[cnt[k]];                       \
-                    T d0 = q1[k] - x[k], d1 = (q1[k] + q2) - x[k];                       \
-                    scr[k] = a[k] / sc;                                                  \
-                    s0[k] = d0 * d0;                                                     \
-                    s1[k] = d1 * d1;                                                     \
+                    scaled[at + k] = a[k] / sc;                                          \
+                    if (q1_out) q1_out[at + k] = q1[k];                                  \
+                    if (q2_out) q2_out[at + k] = q2;                                     \
+                    if (sq0) { T d0 = q1[k] - x[k], d1 = (q1[k] + q2) - x[k];            \
+                               sq0[at + k] = d0 * d0; sq1[at + k] = d1 * d1; }           \
                 }                                                                        \
             }                                                                            \
         }                                                                                \

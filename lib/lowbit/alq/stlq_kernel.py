@@ -3,8 +3,8 @@
 Oh, Sim, Lee, Lee, *Automated Log-Scale Quantization for Low-Cost Deep Neural Networks*, CVPR 2021
 (supplement), with STLQ as SQ (Oh, Sim, Kim, Lee, ECCV 2022) sec. 2.1 and eqs. 5-6 describe it: for one
 scale, both log words of every weight, its scaled error indication and its squared error without and with
-the second word, in one pass and with the same rounding as :func:`lowbit.alq.quantizers.stlq_quantize`
-(tested equal). Built and cached by :mod:`lowbit.core.ckernel`; without a C compiler :func:`load` returns
+the second word, in one pass and with the same rounding as :func:`lowbit.alq.quantizers.stlq_quantize`'s
+torch path (tested equal); and the select tensor's exact top-k by quickselect (:func:`top_k_mask`). Built and cached by :mod:`lowbit.core.ckernel`; without a C compiler :func:`load` returns
 ``None`` and :func:`lowbit.alq.fit_stlq_scale` uses the torch path.
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ def _declare(dll):
     i64 = ctypes.c_int64
     for name, ct in (("stlq_words_f32", ctypes.c_float), ("stlq_words_f64", ctypes.c_double)):
         fn = getattr(dll, name)
-        fn.argtypes = [i64, i64, ctypes.POINTER(ct), ctypes.POINTER(ct), i64] + [ctypes.POINTER(ct)] * 6
+        fn.argtypes = [i64, i64, ctypes.POINTER(ct), ctypes.POINTER(ct), i64] + [ctypes.POINTER(ct)] * 8
         fn.restype = i64
     for name, ct in (("stlq_top_k_f32", ctypes.c_float), ("stlq_top_k_f64", ctypes.c_double)):
         fn = getattr(dll, name)
@@ -54,20 +54,25 @@ def _ptr(t: torch.Tensor):
     return ctypes.cast(t.data_ptr(), ctypes.POINTER(_CTYPES[t.dtype]))
 
 
-def stlq_words(rows: torch.Tensor, scale: torch.Tensor, points: torch.Tensor, mids: torch.Tensor):
-    """``(scaled, sq0, sq1)`` (each ``rows``' shape) of ``rows`` (C, K) with one scale per row (C,): the
-    scaled first-word error ``|w - q1| / s`` and the squared errors ``(q1 - w)^2`` and ``(q1 + q2 - w)^2``.
-    ``points`` are the sorted log magnitudes and ``mids`` their mid-points, all in ``rows``' dtype
-    (:func:`usable`)."""
+def stlq_words(rows: torch.Tensor, scale: torch.Tensor, points: torch.Tensor, mids: torch.Tensor, *,
+               words: bool = True, squares: bool = False):
+    """``(q1, q2, scaled, sq0, sq1)`` (each ``rows``' shape, ``None`` where not asked for) of ``rows`` (C, K)
+    with one scale per row (C,): the two log words (``words``: ``q1`` of ``w``, ``q2`` of ``w - q1``, every
+    weight), the scaled first-word error ``|w - q1| / s`` (always) and the squared errors ``(q1 - w)^2``
+    and ``(q1 + q2 - w)^2`` (``squares``). ``points`` are the sorted log magnitudes and ``mids`` their
+    mid-points, all in ``rows``' dtype (:func:`usable`)."""
     rows = rows.contiguous()
     dtype = rows.dtype
     scale, points, mids = (t.to(dtype).contiguous() for t in (scale, points, mids))
-    scaled, sq0, sq1 = (torch.empty_like(rows) for _ in range(3))
+    q1, q2 = (torch.empty_like(rows) if words else None for _ in range(2))
+    sq0, sq1 = (torch.empty_like(rows) if squares else None for _ in range(2))
+    scaled = torch.empty_like(rows)
     thr = torch.empty(max(mids.numel(), 1), dtype=dtype)
     fn = load().stlq_words_f32 if dtype == torch.float32 else load().stlq_words_f64
+    null = ctypes.POINTER(_CTYPES[dtype])()
     fn(rows.shape[0], rows.shape[1], _ptr(rows), _ptr(scale), points.numel(), _ptr(points), _ptr(mids), _ptr(thr),
-       _ptr(scaled), _ptr(sq0), _ptr(sq1))
-    return scaled, sq0, sq1
+       *(null if t is None else _ptr(t) for t in (q1, q2)), _ptr(scaled), *(null if t is None else _ptr(t) for t in (sq0, sq1)))
+    return q1, q2, scaled, sq0, sq1
 
 
 def top_k_mask(units: torch.Tensor, k: int) -> torch.Tensor:

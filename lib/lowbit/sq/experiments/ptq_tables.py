@@ -43,7 +43,7 @@ def run_ptq(model: str, dataset: str, method: str, w_bits: int, a_bits: int | No
     needs_calib = a_bits is not None or bool(refine)
     calib = (data.calibration_subset(data.load_dataset(dataset, "train"), calib_size, seed)
              if needs_calib else None)
-    fits = FitCache()
+    fits = _FITS  # one memo per process: the cells of a notebook that quantize the same network fit each layer once
     if method == "sq":  # reuse (or store) the per-layer searches in data/derived/sq_search_model-*.json
         fits.prime_sq(fp, w_bits, universal, tag=f"{model}-{dataset}")
     config = PTQConfig(method, w_bits, a_bits=a_bits, first_last_bits=first_last_bits, refine=refine, seed=seed,
@@ -54,6 +54,9 @@ def run_ptq(model: str, dataset: str, method: str, w_bits: int, a_bits: int | No
             "fp_accuracy": evaluate.checkpoint_accuracy(fp, model, dataset, test),  # once per process
             "seconds": time.time() - started, "threads": torch.get_num_threads(),
             "weight_mse": float(np.mean(body)) if body else 0.0}
+
+
+_FITS = FitCache(max_size=2048)  # run_ptq's fits: deterministic in the weights and settings, returned as copies
 
 
 def degradation_cell(fp_accuracy: float, accuracies) -> str:
