@@ -336,9 +336,9 @@ def test_run_on_cuda_matches_cpu_settings():
     # the objective is measured on the same images; cuDNN sums differ in the last bits only
     assert gpu.fp_objective["accuracy"] == cpu.fp_objective["accuracy"]
     assert gpu.layers[-1]["calib_accuracy"] == pytest.approx(cpu.layers[-1]["calib_accuracy"], abs=5.0)
-    x = calib[0].cuda()
+    x = calib[0].to("cuda")
     with torch.no_grad():
-        replay = qrater.apply(m.cuda(), gpu.layers, example=x)(x)
+        replay = qrater.apply(m.to("cuda"), gpu.layers, example=x)(x)
         assert torch.allclose(replay, gpu.model(x), atol=1e-5)
 
 
