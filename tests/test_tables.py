@@ -1,7 +1,7 @@
 """README's "Results at a glance" against the committed tables it quotes (PySDM's test_table_1 habit).
 
-Each row of the README table is rebuilt from the committed `figures/*.csv` (and, for the three
-benchmark rows, the committed `bench/results/*.json`) at the precision the README prints, and
+Each row of the README table is rebuilt from the committed `figures/*.csv` (and, for
+the benchmark rows, the committed `bench/results/*.json`) at the precision the README prints, and
 must appear verbatim in the row's "what" and "ours" cells. Every other number left in those cells
 must be a label (model names, bit widths, option numbers) or be listed in UNSOURCED with the
 reason it has no table behind it. The "paper" column holds the papers' numbers and is not checked.
@@ -186,6 +186,38 @@ def row_quantize_bench():
         ["(SQ eq. 3)", "ResNet-18"]
 
 
+def row_refine_bench():
+    b = _bench("sq_refine")
+    rows = b["rows"]
+    assert all(r["scales_same"] and r["rounding_same"] for r in rows)  # "bit for bit"
+    big = max(rows, key=lambda r: r["C"] * r["K"])
+    return [f"largest shape {big['C']}x{big['K']}: scales {f2(big['scales_reference_s'])} s -> "
+            f"{f2(big['scales_fast_s'])} s ({f1(big['scales_ratio'])}x)",
+            f"rounding {f2(big['rounding_reference_s'])} s -> {f2(big['rounding_fast_s'])} s ({f1(big['rounding_ratio'])}x)",
+            f"all {len(rows)} shapes {f1(b['total_reference_s'])} s -> {f1(b['total_fast_s'])} s "
+            f"({f1(b['total_reference_s'] / b['total_fast_s'])}x)", f"{b['threads']} threads",
+            f"({min(r['C'] for r in rows)}x{min(r['K'] for r in rows)} .. {big['C']}x{big['K']})"], \
+        ["ResNet-18", "layer3/4", "float64"]
+
+
+def row_stlq_fit_bench():
+    b = _bench("stlq_fit")
+    per_element, per_tile = (_only(b["rows"], lambda r, t=t: (r["tile"] is None) == t) for t in (True, False))
+    assert per_element["same"] and per_tile["same"]  # "the same scales bit for bit"
+    return [f"({b['grid']}-point grid)",
+            f"{per_element['layers']} body layers ({per_element['weights'] / 1e6:.1f} M weights)",
+            f"{b['bits']}-bit, select {b['select_ratio'] * 100:.0f} %, {b['threads']} thread",
+            f"per element {f1(per_element['torch_s'])} s -> {f1(per_element['kernel_s'])} s ({f1(per_element['ratio'])}x)",
+            f"per tile of {per_tile['tile']} {f1(per_tile['torch_s'])} s -> {f1(per_tile['kernel_s'])} s "
+            f"({f1(per_tile['ratio'])}x)"], ["ResNet-18"]
+
+
+def _only(rows, keep):
+    found = [r for r in rows if keep(r)]
+    assert len(found) == 1, f"{len(found)} rows"
+    return found[0]
+
+
 def _nulsq(name: str):
     """The phrases of a notebook-06 accuracy table: ``"2/2: LSQ 88.83 ± 0.21, nuLSQ-A ..."`` per width."""
     t = _csv(f"nulsq_table_{name}")
@@ -278,6 +310,8 @@ CHECKS = {
     "QPS search": row_qps_bench,
     "MAC simulator vs float conv": row_mac_bench,
     "shared quantizer": row_quantize_bench,
+    "SQ final optimisation": row_refine_bench,
+    "STLQ scale fit": row_stlq_fit_bench,
     "nuLSQ vs LSQ QAT, ResNet-20": row_nulsq_resnet,
     "nuLSQ vs LSQ QAT, LeNet-5": row_nulsq_lenet,
     "QAT training step": row_qat_bench,
