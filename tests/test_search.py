@@ -344,7 +344,7 @@ def test_kernel_rebuilds_for_changed_source(tmp_path, monkeypatch):
 
 
 def test_without_a_compiler_the_torch_backend_is_used(monkeypatch):
-    monkeypatch.setattr(kernel, "_LIB", None)  # not loaded yet in this "process"
+    monkeypatch.setattr(kernel._LIBRARY, "_lib", None)  # not loaded yet in this "process"
     monkeypatch.setattr(ckernel, "compiler", lambda: None)  # where every kernel finds its compiler
     w = torch.randn(3, 7, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     res = lowbit.search_qps(w, 2, 5, device="cpu")

@@ -10,7 +10,6 @@ torch path (tested equal); and the select tensor's exact top-k by quickselect (:
 from __future__ import annotations
 
 import ctypes
-import threading
 from pathlib import Path
 
 import torch
@@ -18,8 +17,6 @@ import torch
 from ..core import ckernel
 
 SOURCE = Path(__file__).with_name("stlq.c")
-_LIB = None  # None: not tried yet; False: no compiler / build failed; else the ctypes library
-_LOCK = threading.Lock()
 _CTYPES = {torch.float32: ctypes.c_float, torch.float64: ctypes.c_double}
 
 
@@ -36,22 +33,17 @@ def _declare(dll):
     return dll
 
 
+_LIBRARY = ckernel.Library(SOURCE, "alq_stlq", _declare)
+
+
 def load():
     """The ctypes library of ``stlq.c``, or ``None`` without a compiler."""
-    global _LIB
-    with _LOCK:
-        if _LIB is None:
-            _LIB = ckernel.load_library(SOURCE, "alq_stlq", _declare) or False
-    return _LIB or None
+    return _LIBRARY.get()
 
 
 def usable(w: torch.Tensor) -> bool:
     """Whether the kernel can take ``w`` as it is: float32 or float64 on the CPU, and the kernel loads."""
     return w.dtype in _CTYPES and w.device.type == "cpu" and load() is not None
-
-
-def _ptr(t: torch.Tensor):
-    return ctypes.cast(t.data_ptr(), ctypes.POINTER(_CTYPES[t.dtype]))
 
 
 def stlq_words(rows: torch.Tensor, scale: torch.Tensor, points: torch.Tensor, mids: torch.Tensor, *,
@@ -70,8 +62,8 @@ def stlq_words(rows: torch.Tensor, scale: torch.Tensor, points: torch.Tensor, mi
     thr = torch.empty(max(mids.numel(), 1), dtype=dtype)
     fn = load().stlq_words_f32 if dtype == torch.float32 else load().stlq_words_f64
     null = ctypes.POINTER(_CTYPES[dtype])()
-    fn(rows.shape[0], rows.shape[1], _ptr(rows), _ptr(scale), points.numel(), _ptr(points), _ptr(mids), _ptr(thr),
-       *(null if t is None else _ptr(t) for t in (q1, q2)), _ptr(scaled), *(null if t is None else _ptr(t) for t in (sq0, sq1)))
+    fn(rows.shape[0], rows.shape[1], ckernel.tensor_ptr(rows), ckernel.tensor_ptr(scale), points.numel(), ckernel.tensor_ptr(points), ckernel.tensor_ptr(mids), ckernel.tensor_ptr(thr),
+       *(null if t is None else ckernel.tensor_ptr(t) for t in (q1, q2)), ckernel.tensor_ptr(scaled), *(null if t is None else ckernel.tensor_ptr(t) for t in (sq0, sq1)))
     return q1, q2, scaled, sq0, sq1
 
 
@@ -86,7 +78,7 @@ def top_k_mask(units: torch.Tensor, k: int) -> torch.Tensor:
     chosen = torch.zeros(n, dtype=torch.uint8)
     work = torch.empty_like(units)
     fn = load().stlq_top_k_f32 if units.dtype == torch.float32 else load().stlq_top_k_f64
-    taken = fn(n, _ptr(units), int(k), _ptr(work), ctypes.cast(chosen.data_ptr(), ctypes.POINTER(ctypes.c_uint8)))
+    taken = fn(n, ckernel.tensor_ptr(units), int(k), ckernel.tensor_ptr(work), ckernel.tensor_ptr(chosen))
     if taken != k:
         raise RuntimeError(f"stlq_top_k chose {taken} units, not {k}: non-finite values?")
     return chosen.bool()

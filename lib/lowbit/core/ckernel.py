@@ -1,12 +1,15 @@
 """Build and load a C kernel that ships as package data: compile once, cache by content, call via ctypes.
 
-One mechanism for every compiled CPU kernel in lowbit (SQ's exact QPS search, nuLSQ's quantizer).
+One mechanism for every compiled CPU kernel in lowbit (SQ's exact QPS search and refinement, nuLSQ's
+quantizer, STLQ's words and scale fit).
 A source is compiled with the system C compiler (``$CC``, else ``cc``/``gcc``) into a per-user cache
 folder (``$LOWBIT_KERNEL_DIR``, default ``<tmp>/lowbit-kernels-<uid>``) under a tag that hashes the
 source's bytes, the compiler and the flags (:func:`cache_tag`), so an edited source is rebuilt; the
 library is called through ``ctypes``, which releases the GIL. Plain C99 without fast-math or FMA
 contraction: every operation rounds as numpy's and torch's elementwise CPU operations do. Without a
-compiler :func:`load_library` returns ``None`` and the caller uses its torch path.
+compiler :func:`load_library` returns ``None`` and the caller uses its torch path. Each kernel module
+holds one :class:`Library` (built at first use, once per process) and passes tensors by
+:func:`tensor_ptr`.
 """
 from __future__ import annotations
 
@@ -18,6 +21,8 @@ import subprocess
 import tempfile
 import threading
 from pathlib import Path
+
+import torch
 
 BASE_FLAGS = ("-O3", "-std=c99", "-fPIC", "-shared", "-ffp-contract=off", "-fno-fast-math")
 # this CPU's instruction set first (still no FMA contraction), else portable code
@@ -79,3 +84,33 @@ def load_library(source: Path, prefix: str, declare, extra_flags=()):
             except (OSError, subprocess.SubprocessError):
                 continue
     return None
+
+
+class Library:
+    """The ctypes library of one C source, built and loaded at first use, once per process even when
+    several threads ask at once: :func:`load_library`'s result, or ``None`` (no compiler, or every build
+    failed; remembered, so the build is tried once)."""
+
+    def __init__(self, source: Path, prefix: str, declare, extra_flags=()):
+        self.source, self.prefix, self.declare, self.extra_flags = Path(source), prefix, declare, tuple(extra_flags)
+        self._lib = None  # None: not tried yet; False: no compiler / build failed; else the ctypes library
+        self._lock = threading.Lock()
+
+    def get(self):
+        """The loaded library, or ``None``."""
+        with self._lock:
+            if self._lib is None:
+                self._lib = load_library(self.source, self.prefix, self.declare, self.extra_flags) or False
+        return self._lib or None
+
+
+_CTYPES = {torch.float32: ctypes.c_float, torch.float64: ctypes.c_double, torch.int32: ctypes.c_int32,
+           torch.int64: ctypes.c_int64, torch.int8: ctypes.c_int8, torch.uint8: ctypes.c_uint8,
+           torch.bool: ctypes.c_uint8}
+
+
+def tensor_ptr(t: torch.Tensor, offset: int = 0):
+    """A ctypes pointer of ``t``'s element type to its element ``offset`` (``t`` contiguous, on the CPU)."""
+    if t.dtype not in _CTYPES:
+        raise TypeError(f"no C element type for {t.dtype}: use one of {sorted(map(str, _CTYPES))}")
+    return ctypes.cast(t.data_ptr() + offset * t.element_size(), ctypes.POINTER(_CTYPES[t.dtype]))

@@ -15,20 +15,17 @@ from __future__ import annotations
 
 import ctypes
 import os
-import threading
 from pathlib import Path
 
 import torch
 
-from ..core.ckernel import load_library
+from ..core.ckernel import Library, tensor_ptr
 from . import segments
 
 SOURCE = Path(__file__).with_name("kernel.c")
 # lets gcc vectorise ceilf and the selects; it only assumes no floating-point trap is watched, every
 # value stays IEEE-rounded as in torch (the bit-identity tests check it)
 EXTRA_FLAGS = ("-fno-trapping-math", "-fno-math-errno")
-_LIB = None  # None: not tried yet; False: unavailable; else the ctypes library
-_LOCK = threading.Lock()
 
 
 def _declare(dll):
@@ -45,32 +42,19 @@ def _declare(dll):
     return dll
 
 
+_LIBRARY = Library(SOURCE, "nulsq_kernel", _declare, EXTRA_FLAGS)
+
+
 def load():
     """The compiled kernel, or ``None`` (no compiler, or ``$LOWBIT_NO_KERNEL`` set)."""
-    global _LIB
     if os.environ.get("LOWBIT_NO_KERNEL", "") not in ("", "0"):
         return None
-    with _LOCK:
-        if _LIB is None:
-            _LIB = load_library(SOURCE, "nulsq_kernel", _declare, EXTRA_FLAGS) or False
-    return _LIB or None
+    return _LIBRARY.get()
 
 
 def usable(*tensors: torch.Tensor) -> bool:
     """Whether the kernel can take these tensors: CPU float32, and the kernel is available."""
     return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors) and load() is not None
-
-
-def _f(t: torch.Tensor):
-    return ctypes.cast(t.data_ptr(), ctypes.POINTER(ctypes.c_float))
-
-
-def _u8(t: torch.Tensor):
-    return ctypes.cast(t.data_ptr(), ctypes.POINTER(ctypes.c_uint8))
-
-
-def _d(t: torch.Tensor):
-    return ctypes.cast(t.data_ptr(), ctypes.POINTER(ctypes.c_double))
 
 
 def forward(z: torch.Tensor, thresholds: torch.Tensor, levels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,7 +66,7 @@ def forward(z: torch.Tensor, thresholds: torch.Tensor, levels: torch.Tensor) -> 
     y = torch.empty_like(z)
     k = torch.empty(z.shape, dtype=torch.uint8)
     zf, yf, kf = z.reshape(-1), y.reshape(-1), k.reshape(-1)
-    lib.nulsq_forward(_f(zf), z.numel(), _f(thr), _f(lv), len(thr), _f(yf), _u8(kf))
+    lib.nulsq_forward(tensor_ptr(zf), z.numel(), tensor_ptr(thr), tensor_ptr(lv), len(thr), tensor_ptr(yf), tensor_ptr(kf))
     return y, k
 
 
@@ -92,7 +76,7 @@ def lsq_forward(x: torch.Tensor, step: float, qn: int, qp: int) -> torch.Tensor:
     x = x.contiguous()
     y = torch.empty_like(x)
     xf, yf = x.reshape(-1), y.reshape(-1)
-    lib.lsq_forward(_f(xf), x.numel(), step, float(qn), float(qp), _f(yf))
+    lib.lsq_forward(tensor_ptr(xf), x.numel(), step, float(qn), float(qp), tensor_ptr(yf))
     return y
 
 
@@ -103,7 +87,7 @@ def lsq_backward(grad: torch.Tensor, x: torch.Tensor, step: float, qn: int, qp: 
     grad, x = grad.contiguous(), x.contiguous()
     dx, prod = torch.empty_like(x), torch.empty_like(x)
     gf, xf, df, pf = grad.reshape(-1), x.reshape(-1), dx.reshape(-1), prod.reshape(-1)
-    lib.lsq_backward(_f(gf), _f(xf), x.numel(), step, float(qn), float(qp), _f(df), _f(pf))
+    lib.lsq_backward(tensor_ptr(gf), tensor_ptr(xf), x.numel(), step, float(qn), float(qp), tensor_ptr(df), tensor_ptr(pf))
     return dx, prod
 
 
@@ -116,8 +100,8 @@ def backward(grad: torch.Tensor, z: torch.Tensor, y: torch.Tensor, k: torch.Tens
     dz = torch.empty_like(z)
     sums = torch.zeros(n + 2, dtype=torch.float64)
     exponent = segments.sum_exponent(segments.largest(grad), c_n, z.numel())
-    bad = lib.nulsq_backward(_f(grad), _f(z), _f(y), _u8(k), z.numel(), n, float(c_n), 2.0 ** exponent,
-                             _f(dz), _d(sums))
+    bad = lib.nulsq_backward(tensor_ptr(grad), tensor_ptr(z), tensor_ptr(y), tensor_ptr(k), z.numel(), n, float(c_n), 2.0 ** exponent,
+                             tensor_ptr(dz), tensor_ptr(sums))
     if bad:
         return dz, segments.float_sums(*segments.segment_terms(grad, z, y, k, n), n)
     return dz, segments.from_fixed(sums, exponent, z.dtype)

@@ -43,8 +43,6 @@ DP_MARGIN_REL, DP_MARGIN_ENERGY, DP_MARGIN_ABS = 1e-9, 1e-10, 1e-300  # taken of
 DP_MIN_CANDIDATES = 400  # below this the DP bound costs more than it saves (engine='dp' then runs as 'superset')
 DP_MAX_UNIVERSAL = 64  # the DP's per-block arrays (larger universal sets use the superset bound)
 
-_LIB = None  # None: not tried yet; False: no compiler / build failed; else the ctypes library
-_LOAD_LOCK = threading.Lock()
 
 
 def build(cc: str, flags, source: bytes | None = None) -> Path:
@@ -73,13 +71,12 @@ def _declare(dll):
     return dll
 
 
+_LIBRARY = ckernel.Library(SOURCE, "sq_kernel", _declare)  # one build per process, even from several threads
+
+
 def load():
     """The compiled kernel (a ``ctypes`` library), or ``None`` when no C compiler can build it."""
-    global _LIB
-    with _LOAD_LOCK:  # one build per process, even when the first searches start on several threads
-        if _LIB is None:
-            _LIB = ckernel.load_library(SOURCE, "sq_kernel", _declare) or False
-    return _LIB or None
+    return _LIBRARY.get()
 
 
 def prepare(rows: np.ndarray, threads: int = 1):

@@ -11,7 +11,6 @@ by :mod:`lowbit.core.ckernel`; without a C compiler :func:`load` returns ``None`
 from __future__ import annotations
 
 import ctypes
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -20,8 +19,6 @@ import torch
 from ..core import ckernel
 
 SOURCE = Path(__file__).with_name("refine.c")
-_LIB = None  # None: not tried yet; False: no compiler / build failed; else the ctypes library
-_LOCK = threading.Lock()
 
 
 def _declare(dll):
@@ -33,24 +30,18 @@ def _declare(dll):
     return dll
 
 
+_LIBRARY = ckernel.Library(SOURCE, "sq_refine", _declare)
+
+
 def load():
     """The ctypes library of ``refine.c``, or ``None`` without a compiler."""
-    global _LIB
-    with _LOCK:
-        if _LIB is None:
-            _LIB = ckernel.load_library(SOURCE, "sq_refine", _declare) or False
-    return _LIB or None
+    return _LIBRARY.get()
 
 
 def usable(*tensors: torch.Tensor) -> bool:
     """Whether the kernel can take these tensors as they are: float64, CPU, contiguous, and it loads."""
     return all(t.dtype == torch.float64 and t.device.type == "cpu" and t.is_contiguous() for t in tensors) \
         and load() is not None
-
-
-def _ptr(t: torch.Tensor, offset: int = 0):
-    kind = ctypes.c_int32 if t.dtype == torch.int32 else ctypes.c_double
-    return ctypes.cast(t.data_ptr() + offset * t.element_size(), ctypes.POINTER(kind))
 
 
 def round_block(q, lo, hi, cw, diag, s2, g_blk, gq_blk, d_blk, k0: int) -> int:
@@ -60,8 +51,8 @@ def round_block(q, lo, hi, cw, diag, s2, g_blk, gq_blk, d_blk, k0: int) -> int:
     ``gq_blk`` and ``d_blk`` (C, width)."""
     n_rows, n_in = q.shape
     width = g_blk.shape[0]
-    return int(load().sq_round_block(n_rows, n_in, k0, width, _ptr(q), _ptr(lo), _ptr(hi), _ptr(cw), _ptr(diag),
-                                     _ptr(s2), _ptr(g_blk), _ptr(gq_blk), _ptr(d_blk)))
+    return int(load().sq_round_block(n_rows, n_in, k0, width, ckernel.tensor_ptr(q), ckernel.tensor_ptr(lo), ckernel.tensor_ptr(hi), ckernel.tensor_ptr(cw), ckernel.tensor_ptr(diag),
+                                     ckernel.tensor_ptr(s2), ckernel.tensor_ptr(g_blk), ckernel.tensor_ptr(gq_blk), ckernel.tensor_ptr(d_blk)))
 
 
 def scale_walk(absw, sign, points, mids, scale, mults, g, cw, idx, gz, threads: int = 1, block: int = 2048):
@@ -80,10 +71,10 @@ def scale_walk(absw, sign, points, mids, scale, mults, g, cw, idx, gz, threads: 
         n = (b - a) * n_in
         ch_row, ch_col = torch.empty(n, dtype=torch.int32), torch.empty(n, dtype=torch.int32)
         ch_d = torch.empty(n, dtype=torch.float64)
-        return load().sq_scale_walk(b - a, n_in, points.numel(), len(mults), block, _ptr(absw, a * n_in),
-                                    _ptr(sign, a * n_in), _ptr(points), _ptr(mids), _ptr(scale, a), _ptr(mults),
-                                    _ptr(g), _ptr(cw, a * n_in), _ptr(idx, a * n_in), _ptr(gz, a * n_in),
-                                    _ptr(losses, a), n_rows, _ptr(ch_row), _ptr(ch_col), _ptr(ch_d))
+        return load().sq_scale_walk(b - a, n_in, points.numel(), len(mults), block, ckernel.tensor_ptr(absw, a * n_in),
+                                    ckernel.tensor_ptr(sign, a * n_in), ckernel.tensor_ptr(points), ckernel.tensor_ptr(mids), ckernel.tensor_ptr(scale, a), ckernel.tensor_ptr(mults),
+                                    ckernel.tensor_ptr(g), ckernel.tensor_ptr(cw, a * n_in), ckernel.tensor_ptr(idx, a * n_in), ckernel.tensor_ptr(gz, a * n_in),
+                                    ckernel.tensor_ptr(losses, a), n_rows, ckernel.tensor_ptr(ch_row), ckernel.tensor_ptr(ch_col), ckernel.tensor_ptr(ch_d))
 
     if len(chunks) == 1:
         codes = [run(chunks[0])]
