@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import torch
@@ -32,6 +31,7 @@ import torch
 from lowbit.results import atomic_write_text
 from lowbit.sq import refine
 from lowbit.sq.quantizers import qps
+from lowbit.utils import timed
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = [(256, 1152), (256, 2304), (512, 2304), (512, 4608)]  # ResNet-18 layer3/layer4 convs as (C, K)
@@ -46,12 +46,6 @@ def problem(c: int, k: int, seed: int):
     g, cmat = xq.T @ xq / len(x), xq.T @ x / len(x)
     w = torch.randn(c, k, generator=gen, dtype=torch.float64) * (0.5 + torch.rand(c, 1, generator=gen, dtype=torch.float64))
     return w, g, w @ cmat.T
-
-
-def timed(fn):
-    t = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - t
 
 
 def main(argv=None) -> int:

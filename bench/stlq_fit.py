@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import torch
@@ -29,6 +28,7 @@ import torch
 from lowbit import imagenet
 from lowbit.alq import quantizers
 from lowbit.results import atomic_write_text
+from lowbit.utils import timed
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,12 +39,6 @@ def body_weights():
     model = imagenet.build("resnet18")
     convs = [(n, m.weight.detach()) for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)]
     return convs[1:]
-
-
-def timed(fn):
-    t = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - t
 
 
 def main(argv=None) -> int:

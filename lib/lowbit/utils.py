@@ -1,14 +1,23 @@
-"""Seeding, devices and small helpers shared by the library."""
+"""Seeding, devices, wall timing and small helpers shared by the library."""
 from __future__ import annotations
 
 import os
 import random
 import subprocess
+import time
 
 import numpy as np
 import torch
 
 from .paths import project_root
+
+
+def timed(fn):
+    """``(fn(), seconds)``: the result of calling ``fn`` and its wall time (``time.perf_counter``), for
+    the benchmarks in ``bench/`` that time a fast path and its reference in one run."""
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
 
 
 def seed_all(seed: int) -> None:
@@ -41,7 +50,6 @@ def git_commit() -> str:
 def colophon(profile: str, started: float | None = None) -> str:
     """Package versions, commit, profile and wall time, for a notebook's last cell."""
     import platform
-    import time
 
     import matplotlib
     import torchvision
