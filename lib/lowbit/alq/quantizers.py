@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..core import ckernel
 from ..core.memo import TensorMemo, tensor_digest
 from ..core.points import quantize_to_points
 from ..core.validation import check_bits
@@ -210,10 +211,8 @@ def two_words(w: torch.Tensor, s: torch.Tensor, bits: int):
     scaled error indication ``|w - q1| / s``. On the CPU (float32/float64) one pass of the compiled
     :func:`lowbit.alq.stlq_kernel.stlq_words`, else torch; the same values bit for bit (tested)."""
     if stlq_kernel.usable(w):
-        rows, s_rows = _kernel_rows(w, s)
-        p = torch.as_tensor(log_points(bits), dtype=torch.float64).to(w.dtype)
-        q1, q2, scaled, _, _ = stlq_kernel.stlq_words(rows, s_rows, p, (p[1:] + p[:-1]) / 2, words=True)
-        return q1.reshape(w.shape), q2.reshape(w.shape), scaled.reshape(w.shape)
+        q1, q2, scaled, _, _ = _kernel_words(w, s, bits, words=True, squares=False)
+        return q1, q2, scaled
     return two_words_torch(w, s, bits)
 
 
@@ -224,12 +223,17 @@ def two_words_torch(w: torch.Tensor, s: torch.Tensor, bits: int):
     return first, _log_word(err, s, bits), err.abs() / _scale_view(s, w)
 
 
-def _kernel_rows(w: torch.Tensor, s: torch.Tensor):
-    """``w`` as the kernel's (rows, K) with one scale per row."""
+def _kernel_words(w: torch.Tensor, s: torch.Tensor, bits: int, words: bool, squares: bool):
+    """:func:`lowbit.alq.stlq_kernel.stlq_words` of checked ``w`` (any shape) and ``s`` (0-d, one per output
+    channel, or one per element of a 1-D ``w``), every output in ``w``'s shape (``None`` where not asked for)."""
     if w.ndim == 1 and s.ndim == 1:
-        return w.reshape(-1, 1), s  # one scale per element
-    rows = w.reshape(w.shape[0], -1) if w.ndim > 1 else w.reshape(1, -1)
-    return rows, (s.expand(rows.shape[0]) if s.ndim == 0 else s)
+        rows, s_rows = w.reshape(-1, 1), s  # one scale per element
+    else:
+        rows = w.reshape(w.shape[0], -1) if w.ndim > 1 else w.reshape(1, -1)
+        s_rows = s.expand(rows.shape[0]) if s.ndim == 0 else s
+    p = torch.as_tensor(log_points(bits), dtype=torch.float64).to(w.dtype)
+    out = stlq_kernel.stlq_words(rows, s_rows, p, (p[1:] + p[:-1]) / 2, words=words, squares=squares)
+    return tuple(None if t is None else t.reshape(w.shape) for t in out)
 
 
 def in_two_word_set(result: STLQResult) -> bool:
@@ -294,9 +298,6 @@ def fit_stlq_scale(w: torch.Tensor, bits: int, select_ratio: float, tile: int | 
 _SCALE_FITS = TensorMemo(1024)
 
 
-SCALE_FIT_BACKENDS = ("auto", "kernel", "torch")
-
-
 def fit_stlq_scale_uncached(w: torch.Tensor, bits: int, select_ratio: float, tile: int | None = None,
                             per_channel: bool = True, backend: str = "auto") -> torch.Tensor:
     """:func:`fit_stlq_scale` computed afresh (no memo), on checked input.
@@ -305,12 +306,8 @@ def fit_stlq_scale_uncached(w: torch.Tensor, bits: int, select_ratio: float, til
     ``"kernel"`` with the compiled one-pass kernel of :mod:`lowbit.alq.stlq_kernel` (both words and both
     squared errors of every weight; the selection and the mean in torch): the same MSE bit for bit, so
     the same scale (tested); ``"auto"`` the kernel when it loads (float32/float64 on the CPU), else torch."""
-    if backend not in SCALE_FIT_BACKENDS:
-        raise ValueError(f"backend must be one of {SCALE_FIT_BACKENDS}, got {backend!r}")
-    use_kernel = backend == "kernel" or (backend == "auto" and stlq_kernel.usable(w))
-    if use_kernel and not stlq_kernel.usable(w):
-        raise ValueError(f"backend='kernel' needs float32 or float64 weights on the CPU and a C compiler; got "
-                         f"{w.dtype} on {w.device}: use backend='auto' or 'torch'")
+    use_kernel = ckernel.use_kernel(backend, lambda: stlq_kernel.usable(w), f"float32 or float64 weights on the "
+                                    f"CPU and a C compiler; got {w.dtype} on {w.device}")
     top = w.abs().reshape(w.shape[0], -1).amax(1) if per_channel and w.ndim > 1 else w.abs().max()
     top = torch.where(top > 0, top, torch.full_like(top, float(w.abs().max()) or 1.0))
     best, best_mse = None, math.inf
@@ -327,8 +324,5 @@ def _stlq_mse_kernel(w: torch.Tensor, s: torch.Tensor, bits: int, select_ratio: 
     """:func:`_mse` of :func:`_stlq` (checked input) by :func:`lowbit.alq.stlq_kernel.stlq_words`: the
     kernel gives the scaled error indication and both squared errors of every weight, the same
     elementwise values as the torch path; the selection and the mean are torch's, as there."""
-    rows, s_rows = _kernel_rows(w, s)
-    p = torch.as_tensor(log_points(bits), dtype=torch.float64).to(w.dtype)
-    _, _, scaled, sq0, sq1 = stlq_kernel.stlq_words(rows, s_rows, p, (p[1:] + p[:-1]) / 2, words=False, squares=True)
-    selected = select_second_words(scaled.reshape(w.shape), select_ratio, tile)
-    return float(torch.where(selected, sq1.reshape(w.shape), sq0.reshape(w.shape)).mean())
+    _, _, scaled, sq0, sq1 = _kernel_words(w, s, bits, words=False, squares=True)
+    return float(torch.where(select_second_words(scaled, select_ratio, tile), sq1, sq0).mean())

@@ -4,7 +4,8 @@ Oh, Sim, Lee, Lee, *Automated Log-Scale Quantization for Low-Cost Deep Neural Ne
 (supplement), with STLQ as SQ (Oh, Sim, Kim, Lee, ECCV 2022) sec. 2.1 and eqs. 5-6 describe it: for one
 scale, both log words of every weight, its scaled error indication and its squared error without and with
 the second word, in one pass and with the same rounding as :func:`lowbit.alq.quantizers.stlq_quantize`'s
-torch path (tested equal); and the select tensor's exact top-k by quickselect (:func:`top_k_mask`). Built and cached by :mod:`lowbit.core.ckernel`; without a C compiler :func:`load` returns
+torch path (tested equal); and the select tensor's exact top-k by quickselect (:func:`top_k_mask`).
+Built and cached by :mod:`lowbit.core.ckernel`; without a C compiler :func:`load` returns
 ``None`` and :func:`lowbit.alq.fit_stlq_scale` uses the torch path.
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 from ..core import ckernel
 
 SOURCE = Path(__file__).with_name("stlq.c")
-_CTYPES = {torch.float32: ctypes.c_float, torch.float64: ctypes.c_double}
+FLOAT_TYPES = (torch.float32, torch.float64)  # the kernel's two element types
 
 
 def _declare(dll):
@@ -43,7 +44,7 @@ def load():
 
 def usable(w: torch.Tensor) -> bool:
     """Whether the kernel can take ``w`` as it is: float32 or float64 on the CPU, and the kernel loads."""
-    return w.dtype in _CTYPES and w.device.type == "cpu" and load() is not None
+    return w.dtype in FLOAT_TYPES and w.device.type == "cpu" and load() is not None
 
 
 def stlq_words(rows: torch.Tensor, scale: torch.Tensor, points: torch.Tensor, mids: torch.Tensor, *,
@@ -61,9 +62,12 @@ def stlq_words(rows: torch.Tensor, scale: torch.Tensor, points: torch.Tensor, mi
     scaled = torch.empty_like(rows)
     thr = torch.empty(max(mids.numel(), 1), dtype=dtype)
     fn = load().stlq_words_f32 if dtype == torch.float32 else load().stlq_words_f64
-    null = ctypes.POINTER(_CTYPES[dtype])()
-    fn(rows.shape[0], rows.shape[1], ckernel.tensor_ptr(rows), ckernel.tensor_ptr(scale), points.numel(), ckernel.tensor_ptr(points), ckernel.tensor_ptr(mids), ckernel.tensor_ptr(thr),
-       *(null if t is None else ckernel.tensor_ptr(t) for t in (q1, q2)), ckernel.tensor_ptr(scaled), *(null if t is None else ckernel.tensor_ptr(t) for t in (sq0, sq1)))
+
+    def ptr(t):  # None: a NULL output, not written
+        return None if t is None else ckernel.tensor_ptr(t)
+
+    fn(rows.shape[0], rows.shape[1], ptr(rows), ptr(scale), points.numel(), ptr(points), ptr(mids), ptr(thr), ptr(q1),
+       ptr(q2), ptr(scaled), ptr(sq0), ptr(sq1))
     return q1, q2, scaled, sq0, sq1
 
 
@@ -78,7 +82,8 @@ def top_k_mask(units: torch.Tensor, k: int) -> torch.Tensor:
     chosen = torch.zeros(n, dtype=torch.uint8)
     work = torch.empty_like(units)
     fn = load().stlq_top_k_f32 if units.dtype == torch.float32 else load().stlq_top_k_f64
-    taken = fn(n, ckernel.tensor_ptr(units), int(k), ckernel.tensor_ptr(work), ckernel.tensor_ptr(chosen))
+    ptr = ckernel.tensor_ptr
+    taken = fn(n, ptr(units), int(k), ptr(work), ptr(chosen))
     if taken != k:
         raise RuntimeError(f"stlq_top_k chose {taken} units, not {k}: non-finite values?")
     return chosen.bool()

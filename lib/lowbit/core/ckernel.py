@@ -104,6 +104,28 @@ class Library:
         return self._lib or None
 
 
+BACKENDS = ("auto", "kernel", "torch")  # the choice every function with a compiled fast path takes
+
+
+def check_backend(backend) -> str:
+    """``backend`` if it is one of :data:`BACKENDS`, else our ``ValueError`` listing them."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def use_kernel(backend: str, usable, needs: str) -> bool:
+    """Whether a call with ``backend`` (one of :data:`BACKENDS`) runs its compiled kernel: ``"kernel"``
+    always (a ``ValueError`` saying what it ``needs`` when ``usable()`` is false), ``"auto"`` when
+    ``usable()``, ``"torch"`` never (``usable`` is not called: the kernel is not even built)."""
+    if check_backend(backend) == "torch":
+        return False
+    on_kernel = bool(usable())
+    if backend == "kernel" and not on_kernel:
+        raise ValueError(f"backend='kernel' needs {needs}: use backend='auto' or 'torch'")
+    return on_kernel
+
+
 _CTYPES = {torch.float32: ctypes.c_float, torch.float64: ctypes.c_double, torch.int32: ctypes.c_int32,
            torch.int64: ctypes.c_int64, torch.int8: ctypes.c_int8, torch.uint8: ctypes.c_uint8,
            torch.bool: ctypes.c_uint8}

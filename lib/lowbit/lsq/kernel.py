@@ -66,7 +66,8 @@ def forward(z: torch.Tensor, thresholds: torch.Tensor, levels: torch.Tensor) -> 
     y = torch.empty_like(z)
     k = torch.empty(z.shape, dtype=torch.uint8)
     zf, yf, kf = z.reshape(-1), y.reshape(-1), k.reshape(-1)
-    lib.nulsq_forward(tensor_ptr(zf), z.numel(), tensor_ptr(thr), tensor_ptr(lv), len(thr), tensor_ptr(yf), tensor_ptr(kf))
+    lib.nulsq_forward(tensor_ptr(zf), z.numel(), tensor_ptr(thr), tensor_ptr(lv), len(thr), tensor_ptr(yf),
+                      tensor_ptr(kf))
     return y, k
 
 
@@ -87,7 +88,8 @@ def lsq_backward(grad: torch.Tensor, x: torch.Tensor, step: float, qn: int, qp: 
     grad, x = grad.contiguous(), x.contiguous()
     dx, prod = torch.empty_like(x), torch.empty_like(x)
     gf, xf, df, pf = grad.reshape(-1), x.reshape(-1), dx.reshape(-1), prod.reshape(-1)
-    lib.lsq_backward(tensor_ptr(gf), tensor_ptr(xf), x.numel(), step, float(qn), float(qp), tensor_ptr(df), tensor_ptr(pf))
+    lib.lsq_backward(tensor_ptr(gf), tensor_ptr(xf), x.numel(), step, float(qn), float(qp), tensor_ptr(df),
+                     tensor_ptr(pf))
     return dx, prod
 
 
@@ -100,8 +102,8 @@ def backward(grad: torch.Tensor, z: torch.Tensor, y: torch.Tensor, k: torch.Tens
     dz = torch.empty_like(z)
     sums = torch.zeros(n + 2, dtype=torch.float64)
     exponent = segments.sum_exponent(segments.largest(grad), c_n, z.numel())
-    bad = lib.nulsq_backward(tensor_ptr(grad), tensor_ptr(z), tensor_ptr(y), tensor_ptr(k), z.numel(), n, float(c_n), 2.0 ** exponent,
-                             tensor_ptr(dz), tensor_ptr(sums))
+    bad = lib.nulsq_backward(tensor_ptr(grad), tensor_ptr(z), tensor_ptr(y), tensor_ptr(k), z.numel(), n, float(c_n),
+                             2.0 ** exponent, tensor_ptr(dz), tensor_ptr(sums))
     if bad:
         return dz, segments.float_sums(*segments.segment_terms(grad, z, y, k, n), n)
     return dz, segments.from_fixed(sums, exponent, z.dtype)

@@ -44,8 +44,7 @@ int64_t sq_round_block(int64_t n_rows, int64_t n_in, int64_t k0, int64_t width, 
  * absw, sign, cw: (R, K) row-major (|w|, sgn(w) with sgn(0) = 1, w C^T); p: the n_points sorted QPS points;
  * mids: their n_points - 1 mid-points; s: (R,) scales; mult: the n_steps multipliers in walk order (ascending);
  * g: (K, K) symmetric; idx: (R, K) the point indices at mult[0] in, gz: (R, K) = z @ G at mult[0] in (both
- * updated in place); losses: row r of step t at losses[t * loss_stride + r]; ch_row, ch_col, ch_d: workspace of
- * R * K entries. At each step a weight's index is the number of mid-points strictly below |w| / (s m) (0 when
+ * updated in place); losses: row r of step t at losses[t * loss_stride + r]. At each step a weight's index is the number of mid-points strictly below |w| / (s m) (0 when
  * s m = 0), as torch.bucketize(right=False) in _point_index; z @ G is updated by the changed codes only, bucketed
  * by column (one read of a block of G's row c serves every row whose code changed at input c), by blocks of
  * `block` columns; each element of z @ G receives the changes in the same order as the torch loop; the loss is
@@ -55,16 +54,19 @@ int64_t sq_round_block(int64_t n_rows, int64_t n_in, int64_t k0, int64_t width, 
 int64_t sq_scale_walk(int64_t n_rows, int64_t n_in, int64_t n_points, int64_t n_steps, int64_t block,
                       const double *absw, const double *sign, const double *p, const double *mids, const double *s,
                       const double *mult, const double *g, const double *cw, int32_t *idx, double *gz,
-                      double *losses, int64_t loss_stride, int32_t *ch_row, int32_t *ch_col, double *ch_d) {
+                      double *losses, int64_t loss_stride) {
     int64_t n_mids = n_points - 1;
     double *u = (double *)malloc((size_t)n_in * sizeof(double));
     int32_t *cnt = (int32_t *)malloc((size_t)n_in * sizeof(int32_t));
     int64_t *start = (int64_t *)malloc((size_t)(n_in + 1) * sizeof(int64_t));
     int64_t *fill = (int64_t *)malloc((size_t)n_in * sizeof(int64_t));
-    int32_t *by_row = (int32_t *)malloc((size_t)(n_rows * n_in) * sizeof(int32_t));
-    double *by_d = (double *)malloc((size_t)(n_rows * n_in) * sizeof(double));
+    size_t most = (size_t)(n_rows * n_in);  /* at most every weight changes code at one step */
+    int32_t *ch_row = (int32_t *)malloc(most * sizeof(int32_t)), *ch_col = (int32_t *)malloc(most * sizeof(int32_t));
+    double *ch_d = (double *)malloc(most * sizeof(double));
+    int32_t *by_row = (int32_t *)malloc(most * sizeof(int32_t));
+    double *by_d = (double *)malloc(most * sizeof(double));
     int64_t status = 0;
-    if (!u || !cnt || !start || !fill || !by_row || !by_d) { status = -2; goto done; }
+    if (!u || !cnt || !start || !fill || !ch_row || !ch_col || !ch_d || !by_row || !by_d) { status = -2; goto done; }
     for (int64_t t = 0; t < n_steps; t++) {
         int64_t n_ch = 0;
         for (int64_t r = 0; r < n_rows; r++) {
@@ -128,6 +130,9 @@ done:
     free(cnt);
     free(start);
     free(fill);
+    free(ch_row);
+    free(ch_col);
+    free(ch_d);
     free(by_row);
     free(by_d);
     return status;

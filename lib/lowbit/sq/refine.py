@@ -25,6 +25,7 @@ import torch.nn as nn
 from ..core.points import quantize_rows, quantize_to_points, sgn
 from ..nn.calibration import layer_inputs
 from ..nn.im2col import layer_rows, n_rows, rows_at
+from ..core import ckernel
 from . import refine_kernel
 
 REFINE_MODES = ("scale", "scale+round")
@@ -98,7 +99,10 @@ def _point_index(absw: torch.Tensor, mids: torch.Tensor, s: torch.Tensor) -> tor
     return torch.bucketize(u, mids, right=False)
 
 
-SCALE_BACKENDS = ("auto", "kernel", "torch")
+def _on_kernel(backend: str, *tensors: torch.Tensor) -> bool:
+    """Whether ``backend`` runs on ``refine.c`` for these tensors (:func:`lowbit.core.ckernel.use_kernel`)."""
+    return ckernel.use_kernel(backend, lambda: refine_kernel.usable(*tensors),
+                              "float64 CPU tensors and a C compiler ($CC, cc or gcc)")
 
 
 def refine_scales(w: torch.Tensor, points, scale: torch.Tensor, g: torch.Tensor, cw: torch.Tensor,
@@ -122,19 +126,14 @@ def refine_scales(w: torch.Tensor, points, scale: torch.Tensor, g: torch.Tensor,
     tensors when a C compiler is there. Both walk the same indices; their intermediate losses differ
     only by summation order.
     """
-    if backend not in SCALE_BACKENDS:
-        raise ValueError(f"backend must be one of {SCALE_BACKENDS}, got {backend!r}")
+    ckernel.check_backend(backend)
     m_all = _multipliers(multipliers)
     p = torch.as_tensor(np.unique(np.asarray(points, dtype=np.float64)), dtype=w.dtype)
     s = torch.as_tensor(scale, dtype=w.dtype).reshape(-1)
     tried = torch.cat([torch.ones(1, dtype=torch.float64), m_all])  # m = 1 first: the reference's start
     order = torch.argsort(tried, stable=True)
     absw, sign, mids = w.abs(), sgn(w), (p[1:] + p[:-1]) / 2
-    on_kernel = backend != "torch" and refine_kernel.usable(w, g, cw, s)
-    if backend == "kernel" and not on_kernel:
-        raise ValueError("backend='kernel' needs float64 CPU tensors and a C compiler ($CC, cc or gcc): "
-                         "use backend='torch' or 'auto'")
-    if on_kernel:
+    if _on_kernel(backend, w, g, cw, s):
         walk = tried.to(w.dtype)[order]
         idx = _point_index(absw, mids, (s * walk[0]).reshape(-1, 1))
         gz = ((sign * p[idx]) @ g).contiguous()
@@ -189,9 +188,6 @@ def _rounding_start(w: torch.Tensor, points, scale: torch.Tensor):
     return quantize_to_points(w, p, scale, dim=0), sign * s * p[lo_idx], sign * s * p[hi_idx]
 
 
-ROUNDING_BACKENDS = ("auto", "kernel", "torch")
-
-
 def _round_block_torch(q, lo, hi, cw, diag, s2, g_blk, gq_blk, d_blk, k0: int) -> int:
     """One block of the rounding descent in torch, all rows at once (what ``refine.c`` does row by row)."""
     changed = 0
@@ -231,18 +227,14 @@ def refine_rounding(w: torch.Tensor, points, scale: torch.Tensor, g: torch.Tenso
     """
     if int(block) < 1:
         raise ValueError(f"block must be an integer >= 1, got {block!r}")
-    if backend not in ROUNDING_BACKENDS:
-        raise ValueError(f"backend must be one of {ROUNDING_BACKENDS}, got {backend!r}")
+    ckernel.check_backend(backend)
     q, cand_lo, cand_hi = _rounding_start(w, points, scale)
     cw = cw.contiguous()
     gq = q @ g  # (C, K)
     diag = torch.diagonal(g).contiguous()
     s2 = scale.reshape(-1) ** 2
-    on_kernel = backend != "torch" and refine_kernel.usable(q, cand_lo, cand_hi, cw, diag, s2, g)
-    if backend == "kernel" and not on_kernel:
-        raise ValueError("backend='kernel' needs float64 CPU tensors and a C compiler ($CC, cc or gcc): "
-                         "use backend='torch' or 'auto'")
-    round_block = refine_kernel.round_block if on_kernel else _round_block_torch
+    round_block = refine_kernel.round_block if _on_kernel(backend, q, cand_lo, cand_hi, cw, diag, s2, g) \
+        else _round_block_torch
     n_in = w.shape[1]
     for _ in range(sweeps):
         changed = 0

@@ -5,8 +5,9 @@ Oh, Sim, Kim, Lee, *Non-Uniform Step Size Quantization for Accurate Post-Trainin
 exact coordinate descent of :func:`lowbit.sq.refine.refine_rounding` (every row, the block's inputs in
 order), the same operations and rounding as that function's torch loop (tested equal); and the walk of
 :func:`lowbit.sq.refine.refine_scales` over the scale multipliers (:func:`scale_walk`, rows split over
-threads), the same point indices and code changes as its torch loop (tested to choose the same scales). Built and cached
-by :mod:`lowbit.core.ckernel`; without a C compiler :func:`load` returns ``None`` and the torch loop runs.
+threads), the same point indices and code changes as its torch loop (tested to choose the same scales).
+Built and cached by :mod:`lowbit.core.ckernel`; without a C compiler :func:`load` returns ``None`` and the
+torch loop runs.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ def _declare(dll):
     i64, dp, ip = ctypes.c_int64, ctypes.POINTER(ctypes.c_double), ctypes.POINTER(ctypes.c_int32)
     dll.sq_round_block.argtypes = [i64, i64, i64, i64, dp, dp, dp, dp, dp, dp, dp, dp, dp]
     dll.sq_round_block.restype = i64
-    dll.sq_scale_walk.argtypes = [i64, i64, i64, i64, i64, dp, dp, dp, dp, dp, dp, dp, dp, ip, dp, dp, i64, ip, ip, dp]
+    dll.sq_scale_walk.argtypes = [i64, i64, i64, i64, i64, dp, dp, dp, dp, dp, dp, dp, dp, ip, dp, dp, i64]
     dll.sq_scale_walk.restype = i64
     return dll
 
@@ -51,8 +52,9 @@ def round_block(q, lo, hi, cw, diag, s2, g_blk, gq_blk, d_blk, k0: int) -> int:
     ``gq_blk`` and ``d_blk`` (C, width)."""
     n_rows, n_in = q.shape
     width = g_blk.shape[0]
-    return int(load().sq_round_block(n_rows, n_in, k0, width, ckernel.tensor_ptr(q), ckernel.tensor_ptr(lo), ckernel.tensor_ptr(hi), ckernel.tensor_ptr(cw), ckernel.tensor_ptr(diag),
-                                     ckernel.tensor_ptr(s2), ckernel.tensor_ptr(g_blk), ckernel.tensor_ptr(gq_blk), ckernel.tensor_ptr(d_blk)))
+    ptr = ckernel.tensor_ptr
+    return int(load().sq_round_block(n_rows, n_in, k0, width, ptr(q), ptr(lo), ptr(hi), ptr(cw), ptr(diag), ptr(s2),
+                                     ptr(g_blk), ptr(gq_blk), ptr(d_blk)))
 
 
 def scale_walk(absw, sign, points, mids, scale, mults, g, cw, idx, gz, threads: int = 1, block: int = 2048):
@@ -66,15 +68,14 @@ def scale_walk(absw, sign, points, mids, scale, mults, g, cw, idx, gz, threads: 
     bounds = [n_rows * i // max(1, threads) for i in range(max(1, threads) + 1)]
     chunks = [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
 
+    ptr = ckernel.tensor_ptr
+
     def run(chunk):
         a, b = chunk
-        n = (b - a) * n_in
-        ch_row, ch_col = torch.empty(n, dtype=torch.int32), torch.empty(n, dtype=torch.int32)
-        ch_d = torch.empty(n, dtype=torch.float64)
-        return load().sq_scale_walk(b - a, n_in, points.numel(), len(mults), block, ckernel.tensor_ptr(absw, a * n_in),
-                                    ckernel.tensor_ptr(sign, a * n_in), ckernel.tensor_ptr(points), ckernel.tensor_ptr(mids), ckernel.tensor_ptr(scale, a), ckernel.tensor_ptr(mults),
-                                    ckernel.tensor_ptr(g), ckernel.tensor_ptr(cw, a * n_in), ckernel.tensor_ptr(idx, a * n_in), ckernel.tensor_ptr(gz, a * n_in),
-                                    ckernel.tensor_ptr(losses, a), n_rows, ckernel.tensor_ptr(ch_row), ckernel.tensor_ptr(ch_col), ckernel.tensor_ptr(ch_d))
+        at = a * n_in
+        return load().sq_scale_walk(b - a, n_in, points.numel(), len(mults), block, ptr(absw, at), ptr(sign, at),
+                                    ptr(points), ptr(mids), ptr(scale, a), ptr(mults), ptr(g), ptr(cw, at),
+                                    ptr(idx, at), ptr(gz, at), ptr(losses, a), n_rows)
 
     if len(chunks) == 1:
         codes = [run(chunks[0])]
