@@ -173,8 +173,8 @@ def build(name: str) -> nn.Module:
 
 
 def _options(name: str) -> str:
-    return (f"pass weights='DEFAULT' (torchvision's weights, downloaded into {torch.hub.get_dir()} on a "
-            f"connected machine) or weights='/path/{name}.pth' (a state dict saved with "
+    return (f"pass weights='DEFAULT' on a connected machine (torchvision downloads its weights into "
+            f"{torch.hub.get_dir()}) or, offline, weights='/path/{name}.pth' (a state dict saved with "
             f"torch.save(model.state_dict(), path))")
 
 
@@ -218,5 +218,5 @@ def load(name: str, weights, device=None) -> nn.Module:
         model = torchvision.models.get_model(name, weights=chosen)
     except (OSError, RuntimeError) as err:  # no network (URLError is an OSError), or a broken download
         raise ImageNetMissingError(f"could not get torchvision's {name} weights {chosen} "
-                                   f"({type(err).__name__}: {str(err)[:200]}); without network {_options(name)}") from err
+                                   f"({type(err).__name__}: {str(err)[:200]}): {_options(name)}") from err
     return model.to(dev).eval()
