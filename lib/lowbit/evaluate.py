@@ -23,8 +23,10 @@ def _batches(dataset, batch_size: int, device):
 
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 1000, device=None) -> dict:
-    """``{"accuracy": top-1 %, "loss": mean cross-entropy, "n": samples}`` in eval mode."""
+    """``{"accuracy": top-1 %, "loss": mean cross-entropy, "n": samples}`` in eval mode, on ``device``
+    (default: the model's; another one moves ``model`` there in place, as ``model.to(device)`` does)."""
     device = resolve_device(device, default=next((p.device for p in model.parameters()), torch.device("cpu")))
+    model.to(device)
     was_training = model.training
     model.eval()
     correct, loss_sum, n = 0, 0.0, 0

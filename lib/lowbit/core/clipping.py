@@ -51,14 +51,14 @@ def mse_step_index(xs: torch.Tensor, lo: int, hi: int, steps, tie: str = "up", c
     ``xs``'s dtype. Batched over ``chunk`` candidates; :func:`mse_step_index_reference` is the plain loop.
     """
     check_choice(tie, TIES, "tie rule")
-    steps = torch.as_tensor(steps).to(xs.dtype).reshape(-1)
+    steps = torch.as_tensor(steps).to(device=xs.device, dtype=xs.dtype).reshape(-1)
     errs = torch.cat([_grid_error(xs, s, lo, hi, tie) for s in steps.split(chunk)])
     return int(torch.argmin(errs))
 
 
 def mse_step_index_reference(xs: torch.Tensor, lo: int, hi: int, steps, tie: str = "up") -> int:
     """Plain reference of :func:`mse_step_index`: one candidate at a time, strict improvement."""
-    steps = torch.as_tensor(steps).to(xs.dtype).reshape(-1)
+    steps = torch.as_tensor(steps).to(device=xs.device, dtype=xs.dtype).reshape(-1)
     best_i, best_e = 0, float("inf")
     for i, s in enumerate(steps):
         codes = torch.floor(xs / s + 0.5) if tie == "up" else torch.round(xs / s)
@@ -161,5 +161,5 @@ def baseline_threshold(x, bits: int, rule: str, signed: bool | None = None, *, g
             pos = xs[xs > 0]
             b = float(pos.mean()) if pos.numel() else amax
         return min(amax, aciq_coefficient(levels) * b)
-    mags = (xs.abs() if signed else xs.clamp_min(0)).numpy()
+    mags = (xs.abs() if signed else xs.clamp_min(0)).cpu().numpy()
     return min(amax, kl_threshold(mags, levels + 1, bins))

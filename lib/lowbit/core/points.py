@@ -24,8 +24,13 @@ import numpy as np
 import torch
 
 
-def _as_points(points, dtype, device) -> torch.Tensor:
-    p = torch.as_tensor(np.asarray(points, dtype=np.float64), device=device).to(dtype)
+def points_tensor(points, dtype, device) -> torch.Tensor:
+    """A QPS (array, list or tensor on any device) as a sorted, distinct 1-D tensor of ``dtype`` on
+    ``device``; a ``ValueError`` for an empty, non-finite or negative set."""
+    if isinstance(points, torch.Tensor):  # any device (np.asarray of a CUDA tensor is an error)
+        p = points.detach().to(device=device, dtype=torch.float64).to(dtype)
+    else:
+        p = torch.as_tensor(np.asarray(points, dtype=np.float64), device=device).to(dtype)
     if p.ndim != 1 or p.numel() == 0:
         raise ValueError("points must be a non-empty 1-D set of non-negative values")
     if not torch.isfinite(p).all() or (p < 0).any():
@@ -58,7 +63,7 @@ def point_index(w, points, scale, dim: int = 0) -> torch.Tensor:
     Implemented by comparing ``|w|`` with the scaled mid-points (half-way ties go down).
     """
     w = torch.as_tensor(w)
-    p = _as_points(points, w.dtype if w.is_floating_point() else torch.float64, w.device)
+    p = points_tensor(points, w.dtype if w.is_floating_point() else torch.float64, w.device)
     w = w.to(p.dtype)
     s = _scale_view(scale, w, dim)
     if (torch.as_tensor(s) < 0).any() or not torch.isfinite(torch.as_tensor(s)).all():
@@ -84,7 +89,7 @@ def quantize_to_points(w, points, scale, dim: int = 0) -> torch.Tensor:
     w = torch.as_tensor(w)
     if not w.is_floating_point():
         w = w.to(torch.float64)
-    p = _as_points(points, w.dtype, w.device)
+    p = points_tensor(points, w.dtype, w.device)
     idx = point_index(w, p, scale, dim)
     s = _scale_view(scale, w, dim)
     return sgn(w) * s * p[idx]
@@ -95,7 +100,7 @@ def quantize_to_points_reference(w, points, scale, dim: int = 0) -> torch.Tensor
     w = torch.as_tensor(w)
     if not w.is_floating_point():
         w = w.to(torch.float64)
-    p = _as_points(points, torch.float64, w.device)
+    p = points_tensor(points, torch.float64, w.device)
     w64 = w.to(torch.float64)
     s = _scale_view(scale, w64, dim)
     a = w64.abs().unsqueeze(-1)  # (..., 1)
@@ -114,8 +119,8 @@ def quantize_rows(rows: torch.Tensor, points, scale: torch.Tensor) -> torch.Tens
     magnitudes within float rounding of a tie. Used inside the scale searches (hundreds of
     calls); final weights always go through :func:`quantize_to_points`.
     """
-    p = torch.as_tensor(np.unique(np.asarray(points, dtype=np.float64)), dtype=rows.dtype)
-    s = torch.as_tensor(scale, dtype=rows.dtype).reshape(-1, 1)
+    p = points_tensor(points, rows.dtype, rows.device)
+    s = torch.as_tensor(scale, dtype=rows.dtype, device=rows.device).reshape(-1, 1)
     mids = (p[1:] + p[:-1]) / 2
     u = torch.where(s > 0, rows.abs() / torch.where(s > 0, s, torch.ones_like(s)), torch.zeros_like(rows))
     idx = torch.bucketize(u, mids, right=False)

@@ -119,10 +119,10 @@ def attach_activation_quantizers(model: nn.Module, bits: int, last_bits: int | N
     if not relus:
         raise ValueError("the model has no nn.ReLU modules to attach activation quantizers to; "
                          "use ReLU modules (not F.relu) or attach ActQuantizer yourself")
-    out = []
+    out, device = [], model_device(model)
     for i, (name, relu) in enumerate(relus):
         b = last_bits if (last_bits is not None and i == len(relus) - 1) else bits
-        q = QuantReLU(relu, b)
+        q = QuantReLU(relu, b).to(device)  # the step buffer on the model's device
         set_module(model, name, q)
         out.append((name, q.act))
     return out

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..core.points import quantize_rows, quantize_to_points, sgn
+from ..core.points import points_tensor, quantize_rows, quantize_to_points, sgn
 from ..nn.calibration import layer_inputs
 from ..nn.im2col import layer_rows, n_rows, rows_at
 from ..core import ckernel
@@ -127,10 +127,10 @@ def refine_scales(w: torch.Tensor, points, scale: torch.Tensor, g: torch.Tensor,
     only by summation order.
     """
     ckernel.check_backend(backend)
-    m_all = _multipliers(multipliers)
-    p = torch.as_tensor(np.unique(np.asarray(points, dtype=np.float64)), dtype=w.dtype)
-    s = torch.as_tensor(scale, dtype=w.dtype).reshape(-1)
-    tried = torch.cat([torch.ones(1, dtype=torch.float64), m_all])  # m = 1 first: the reference's start
+    m_all = _multipliers(multipliers).to(w.device)
+    p = points_tensor(points, w.dtype, w.device)
+    s = torch.as_tensor(scale, dtype=w.dtype, device=w.device).reshape(-1)
+    tried = torch.cat([torch.ones(1, dtype=torch.float64, device=w.device), m_all])  # m = 1 first: the reference's start
     order = torch.argsort(tried, stable=True)
     absw, sign, mids = w.abs(), sgn(w), (p[1:] + p[:-1]) / 2
     if _on_kernel(backend, w, g, cw, s):
@@ -145,7 +145,7 @@ def refine_scales(w: torch.Tensor, points, scale: torch.Tensor, g: torch.Tensor,
     else:
         losses = _scale_walk_torch(absw, sign, p, mids, s, tried, order, g, cw)
     # the first strict minimum in the reference's order (m = 1, then the multipliers as given)
-    best = torch.zeros(w.shape[0], dtype=torch.long)
+    best = torch.zeros(w.shape[0], dtype=torch.long, device=w.device)
     best_l = losses[0].clone()
     for i in range(1, len(tried)):
         better = losses[i] < best_l
@@ -156,7 +156,7 @@ def refine_scales(w: torch.Tensor, points, scale: torch.Tensor, g: torch.Tensor,
 
 def _scale_walk_torch(absw, sign, p, mids, s, tried, order, g, cw) -> torch.Tensor:
     """The losses ``(len(tried), C)`` of :func:`refine_scales`'s walk in torch (sparse COO updates of ``z @ G``)."""
-    losses = torch.empty(len(tried), absw.shape[0], dtype=absw.dtype)
+    losses = torch.empty(len(tried), absw.shape[0], dtype=absw.dtype, device=absw.device)
     idx = gz = None
     for i in order.tolist():
         sm = (s * tried[i].to(absw.dtype)).reshape(-1, 1)
@@ -178,7 +178,7 @@ def _scale_walk_torch(absw, sign, p, mids, s, tried, order, g, cw) -> torch.Tens
 
 def _rounding_start(w: torch.Tensor, points, scale: torch.Tensor):
     """``(q, lo, hi)``: nearest rounding of ``w`` and each weight's two QPS neighbours ``+-scale_c p``."""
-    p = torch.as_tensor(np.unique(np.asarray(points, dtype=np.float64)), dtype=w.dtype)
+    p = points_tensor(points, w.dtype, w.device)
     s = scale.reshape(-1, 1)
     u = w.abs() / s  # (C, K)
     lo_idx = (torch.searchsorted(p, u.contiguous(), right=True) - 1).clamp(0, len(p) - 1)
@@ -241,7 +241,7 @@ def refine_rounding(w: torch.Tensor, points, scale: torch.Tensor, g: torch.Tenso
         for k0 in range(0, n_in, int(block)):
             k1 = min(k0 + int(block), n_in)
             gq_blk = gq[:, k0:k1].clone(memory_format=torch.contiguous_format)  # kept current inside the block
-            d_blk = torch.zeros(w.shape[0], k1 - k0, dtype=w.dtype)
+            d_blk = torch.zeros(w.shape[0], k1 - k0, dtype=w.dtype, device=w.device)
             moved = round_block(q, cand_lo, cand_hi, cw, diag, s2, g[k0:k1, k0:k1].contiguous(), gq_blk, d_blk, k0)
             if moved:
                 gq += d_blk @ g[k0:k1]
@@ -326,7 +326,7 @@ def refine_layer(qmodel: nn.Module, name: str, fp_model: nn.Module, x: torch.Ten
     w = layer.weight_fp.double().reshape(layer.weight_fp.shape[0], -1)  # (C, K)
     fq = layer.quantizer
     points = np.asarray(fq.points, dtype=np.float64)
-    scale = torch.as_tensor(fq.scale, dtype=torch.float64)
+    scale = torch.as_tensor(fq.scale, dtype=torch.float64, device=w.device)
     per_layer = scale.ndim == 0
     scale_c = scale.expand(w.shape[0]).clone() if per_layer else scale.clone()
     cw = w @ c.T  # (C, K)
@@ -349,7 +349,7 @@ def refine_layer(qmodel: nn.Module, name: str, fp_model: nn.Module, x: torch.Ten
     if after.sum() > before.sum():  # keep the better of the two (never make it worse)
         q, after = q0, before
     else:
-        fq.scale = scale_c[0].clone() if per_layer else scale_c
+        fq.scale = (scale_c[0].clone() if per_layer else scale_c).cpu()  # fitted quantizers keep CPU scales
     layer.set_quantized_weight(q.to(layer.weight_fp.dtype))
     # the objective is known up to a per-channel constant (w^T X^T X w): report the drop
     info = {"loss_drop": float((before - after).sum()), "rows": rows, "mode": mode}

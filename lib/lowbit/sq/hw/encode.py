@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ...core.points import _as_points, point_index
+from ...core.points import points_tensor, point_index
 from .terms import TermSet, universal_terms
 
 
@@ -165,7 +165,7 @@ def encode_sq(weight, points, scale, option=5):
                          f"sign bit plus log2(N) index bits; got N = {n}")
     rows = []
     for r in pts:
-        u = _as_points(r, torch.float64, "cpu").numpy()
+        u = points_tensor(r, torch.float64, "cpu").numpy()
         if u.size != n:
             raise ValueError("points must be distinct: a repeated point wastes a code")
         rows.append(u)
