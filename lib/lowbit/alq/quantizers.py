@@ -292,7 +292,7 @@ def fit_stlq_scale(w: torch.Tensor, bits: int, select_ratio: float, tile: int | 
     key = (*tensor_digest(w), bits, select_ratio, tile, bool(per_channel))
     if key not in _SCALE_FITS:
         _SCALE_FITS.put(key, fit_stlq_scale_uncached(w, bits, select_ratio, tile, per_channel))
-    return _SCALE_FITS.get(key)
+    return _SCALE_FITS.get(key).to(w.device)  # the key is the weight's bytes: a fit may come from another device
 
 
 _SCALE_FITS = TensorMemo(1024)
